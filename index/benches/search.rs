@@ -1,0 +1,80 @@
+//! Hot paths of search: centroid scoring, code scoring of probed members, exact scoring of a
+//! posting list (f16 -> f32 + dots). Uses the keys of the shared SmolLM2 dump when present.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use std::hint::black_box;
+use strata_index::codes::ScalarQuantizer;
+use strata_index::linalg::{dot_rows, f16_bytes_to_f32};
+
+fn keys_and_query() -> (Vec<f32>, Vec<f32>, usize) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/data/smollm2-jargon-8k.safetensors");
+    if let Ok(d) = strata_storage::kvdump::KvDump::open(&path) {
+        let dim = d.meta.head_dim;
+        return (d.keys.slice2(2, 0).to_vec(), d.queries.row(2, 0, 0).to_vec(), dim);
+    }
+    eprintln!("shared dump not found; benchmarking on pseudo-random keys");
+    let dim = 64;
+    let mut x = 1u64;
+    let mut next = || {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+    };
+    let keys = (0..8192 * dim).map(|_| next()).collect();
+    let q = (0..dim).map(|_| next()).collect();
+    (keys, q, dim)
+}
+
+fn bench(c: &mut Criterion) {
+    let (keys, q, dim) = keys_and_query();
+    let n = keys.len() / dim;
+    let mut out = Vec::new();
+
+    let mut g = c.benchmark_group("centroid_scoring");
+    for lists in [256usize, 1024, 4096] {
+        let centroids: Vec<f32> = keys.iter().cycle().take(lists * dim).copied().collect();
+        g.bench_with_input(BenchmarkId::from_parameter(lists), &centroids, |b, cen| {
+            b.iter(|| {
+                dot_rows(black_box(cen), dim, black_box(&q), &mut out);
+                black_box(out.len())
+            })
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("code_scoring_2048_keys");
+    for bits in [2u32, 4, 8] {
+        let sq = ScalarQuantizer::fit(&keys, dim, bits);
+        let mut codes = Vec::new();
+        for row in keys.chunks_exact(dim).take(2048) {
+            sq.encode(row, &mut codes);
+        }
+        g.bench_with_input(BenchmarkId::from_parameter(bits), &codes, |b, codes| {
+            b.iter(|| {
+                let cq = sq.query(black_box(&q));
+                out.clear();
+                cq.score_many(codes, &mut out);
+                black_box(out.len())
+            })
+        });
+    }
+    g.finish();
+
+    // One 32-member posting list: f16 keys to f32, then exact dots.
+    let list: Vec<u8> = keys[..32.min(n) * dim]
+        .iter()
+        .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+        .collect();
+    let mut buf = Vec::new();
+    c.bench_function("list_scan_32_keys", |b| {
+        b.iter(|| {
+            buf.clear();
+            f16_bytes_to_f32(black_box(&list), &mut buf);
+            dot_rows(&buf, dim, black_box(&q), &mut out);
+            black_box(out.len())
+        })
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,85 @@
+//! Baselines strata is measured against, one module per technique behind one trait. They hold the
+//! keys of one (layer, KV head) in RAM and return exactly scored tokens under the same budget
+//! and static-token rules as strata's own search.
+
+pub mod exact;
+#[cfg(feature = "faiss")]
+pub mod faiss_ivf;
+pub mod hnsw;
+pub mod ivf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::linalg::{dot, top_k_indices};
+use crate::params::SearchParams;
+use crate::search::{Retrieved, SearchStats};
+use crate::IndexResult;
+
+/// Tunables of the baselines, in one place.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BaselineParams {
+    /// Keys per list of the plain k-means IVF and FAISS IVF-Flat (same as strata's lists).
+    pub ivf_list_size: u32,
+    /// IVF baselines probe lists in centroid order until they have scanned this many times the
+    /// attended budget of keys, then attend the best `budget` of them.
+    pub ivf_scan_factor: f32,
+    pub ivf_kmeans_iters: u32,
+    /// hnsw_rs graph degree, construction and search beam widths.
+    pub hnsw_max_connections: u32,
+    pub hnsw_ef_construction: u32,
+    pub hnsw_ef_search: u32,
+    pub seed: u64,
+}
+
+impl Default for BaselineParams {
+    fn default() -> Self {
+        BaselineParams {
+            ivf_list_size: 32,
+            ivf_scan_factor: 4.0,
+            ivf_kmeans_iters: 8,
+            hnsw_max_connections: 24,
+            hnsw_ef_construction: 200,
+            hnsw_ef_search: 400,
+            seed: 0x5eed_57a7a,
+        }
+    }
+}
+
+/// One (layer, KV head) prepared by a method, answering queries of its query heads.
+pub trait HeadRetriever: Send + Sync {
+    fn retrieve(&self, q: &[f32], position: usize, params: &SearchParams) -> IndexResult<Retrieved>;
+}
+
+/// Exactly scores `tokens` (skipping invisible, static and repeated ones) and keeps the best
+/// `budget`. Shared by every baseline so that they differ only in which tokens they propose.
+pub(crate) fn rerank(
+    keys: &[f32],
+    dim: usize,
+    q: &[f32],
+    position: usize,
+    params: &SearchParams,
+    tokens: impl Iterator<Item = u32>,
+    budget: usize,
+    mut stats: SearchStats,
+) -> Retrieved {
+    let mut seen = vec![false; position + 1];
+    let mut toks = Vec::new();
+    let mut scores = Vec::new();
+    for t in tokens {
+        let tu = t as usize;
+        if tu > position || params.is_static(tu, position) || seen[tu] {
+            continue;
+        }
+        seen[tu] = true;
+        toks.push(t);
+        scores.push(dot(&keys[tu * dim..(tu + 1) * dim], q));
+    }
+    stats.keys_scored = toks.len() as u64;
+    let top = top_k_indices(&scores, budget);
+    Retrieved {
+        tokens: top.iter().map(|&i| toks[i as usize]).collect(),
+        scores: top.iter().map(|&i| scores[i as usize]).collect(),
+        values: None,
+        stats,
+    }
+}

@@ -1,0 +1,354 @@
+//! `build_index`: clusters the keys of every (layer, KV head) of a dump, writes posting lists
+//! (ids + keys + values, 4 KiB-aligned) into one segment file per layer and the manifest last.
+//! The whole index is written into a hidden temporary folder that is renamed into place only when
+//! complete, so an interrupted build leaves nothing that opens as an index.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use rand::SeedableRng;
+use rayon::prelude::*;
+use strata_storage::durable::{fsync_dir, AtomicFile};
+use strata_storage::kvdump::KvDump;
+use strata_storage::segment::SegmentWriter;
+
+use crate::codes::ScalarQuantizer;
+use crate::kmeans::{balanced_kmeans, KMeansConfig};
+use crate::linalg::norm_sq;
+use crate::manifest::{
+    self, HeadManifest, ListLoc, Manifest, SourceInfo, INDEX_FILE, LIST_HEADER_BYTES, LIST_MAGIC,
+};
+use crate::params::BuildParams;
+use crate::{IndexError, IndexResult};
+
+/// Called after each (layer, KV head) is clustered: `(done, total)`.
+pub type BuildProgress<'a> = &'a (dyn Fn(usize, usize) + Sync);
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BuildReport {
+    pub dir: PathBuf,
+    pub seconds: f64,
+    pub heads: usize,
+    pub lists: usize,
+    pub replicas: u64,
+    pub segment_bytes: u64,
+    pub index_bytes: u64,
+}
+
+/// The clustering of one head, before its lists are placed in a segment.
+struct HeadBuild {
+    manifest: HeadManifest,
+    /// Members of every list: primary members ascending, then replicas ascending.
+    members: Vec<Vec<u32>>,
+}
+
+fn build_head(keys: &[f32], values: &[f32], dim: usize, params: &BuildParams, seed: u64) -> HeadBuild {
+    let n = keys.len() / dim;
+    let k = n.div_ceil(params.list_size as usize).max(1);
+    let cfg = KMeansConfig {
+        iters: params.kmeans_iters,
+        train_points: k * params.kmeans_sample_per_list as usize,
+        balance_penalty: params.balance_penalty,
+        capacity: ((params.list_size as f32) * params.max_list_factor).ceil() as usize,
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let km = balanced_kmeans(keys, dim, k, &cfg, &mut rng);
+    let k = km.k;
+
+    let mut primary: Vec<Vec<u32>> = vec![Vec::new(); k];
+    for (t, &a) in km.assign.iter().enumerate() {
+        primary[a as usize].push(t as u32);
+    }
+    let mut replica: Vec<Vec<u32>> = vec![Vec::new(); k];
+    let mut replicas = 0u64;
+    if params.replica_max > 1 {
+        for t in 0..n {
+            for &c in &km.replica_lists(t, params.replica_max as usize, params.replica_epsilon)[1..]
+            {
+                replica[c as usize].push(t as u32);
+                replicas += 1;
+            }
+        }
+    }
+
+    let mut value_sums = vec![0f32; k * dim];
+    let mut radius = vec![0f32; k];
+    let mut max_key_norm = vec![0f32; k];
+    for j in 0..k {
+        let c = &km.centroids[j * dim..(j + 1) * dim];
+        for &t in &primary[j] {
+            let t = t as usize;
+            let key = &keys[t * dim..(t + 1) * dim];
+            let d2: f32 = key.iter().zip(c).map(|(a, b)| (a - b) * (a - b)).sum();
+            radius[j] = radius[j].max(d2.sqrt());
+            for (s, v) in value_sums[j * dim..(j + 1) * dim]
+                .iter_mut()
+                .zip(&values[t * dim..(t + 1) * dim])
+            {
+                *s += v;
+            }
+        }
+        for &t in primary[j].iter().chain(&replica[j]) {
+            let t = t as usize;
+            max_key_norm[j] = max_key_norm[j].max(norm_sq(&keys[t * dim..(t + 1) * dim]).sqrt());
+        }
+    }
+
+    // Second level over the centroids when there are many lists.
+    let (group_centroids, group_lists, group_start) = if k > params.hierarchy_threshold as usize {
+        let g = k.div_ceil(params.lists_per_group as usize);
+        let gcfg = KMeansConfig {
+            iters: params.kmeans_iters,
+            train_points: k,
+            balance_penalty: params.balance_penalty,
+            capacity: 2 * params.lists_per_group as usize,
+        };
+        let gk = balanced_kmeans(&km.centroids, dim, g, &gcfg, &mut rng);
+        let mut by_group: Vec<Vec<u32>> = vec![Vec::new(); gk.k];
+        for (j, &a) in gk.assign.iter().enumerate() {
+            by_group[a as usize].push(j as u32);
+        }
+        let mut start = vec![0u32];
+        let mut order = Vec::with_capacity(k);
+        for grp in by_group {
+            order.extend(grp);
+            start.push(order.len() as u32);
+        }
+        (gk.centroids, order, start)
+    } else {
+        (Vec::new(), Vec::new(), Vec::new())
+    };
+
+    let sq = ScalarQuantizer::fit(keys, dim, params.code_bits);
+    let mut codes = Vec::with_capacity(n * sq.code_bytes());
+    let mut primary_tokens = Vec::with_capacity(n);
+    let mut primary_start = vec![0u32];
+    for list in &primary {
+        for &t in list {
+            sq.encode(&keys[t as usize * dim..(t as usize + 1) * dim], &mut codes);
+        }
+        primary_tokens.extend_from_slice(list);
+        primary_start.push(primary_tokens.len() as u32);
+    }
+
+    let members = primary
+        .into_iter()
+        .zip(replica)
+        .map(|(mut p, r)| {
+            p.extend(r);
+            p
+        })
+        .collect();
+    HeadBuild {
+        manifest: HeadManifest {
+            layer_slot: 0,
+            kv_head: 0,
+            tokens: n as u32,
+            dim: dim as u32,
+            segment: 0,
+            centroids: km.centroids,
+            lists: Vec::new(),
+            value_sums,
+            max_key_norm,
+            radius,
+            group_centroids,
+            group_lists,
+            group_start,
+            primary_tokens,
+            primary_start,
+            code_bits: params.code_bits,
+            code_lo: sq.lo,
+            code_step: sq.step,
+            codes,
+            replicas,
+        },
+        members,
+    }
+}
+
+/// Bytes of one posting list: header, member ids, keys (f16), values (f16).
+pub fn encode_list(
+    list_id: u32,
+    members: &[u32],
+    keys: &[f32],
+    values: &[f32],
+    dim: usize,
+    out: &mut Vec<u8>,
+) {
+    out.clear();
+    out.extend_from_slice(&LIST_MAGIC.to_le_bytes());
+    out.extend_from_slice(&list_id.to_le_bytes());
+    out.extend_from_slice(&(members.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(dim as u32).to_le_bytes());
+    debug_assert_eq!(out.len(), LIST_HEADER_BYTES);
+    for &t in members {
+        out.extend_from_slice(&t.to_le_bytes());
+    }
+    for src in [keys, values] {
+        for &t in members {
+            for &v in &src[t as usize * dim..(t as usize + 1) * dim] {
+                out.extend_from_slice(&half::f16::from_f32(v).to_le_bytes());
+            }
+        }
+    }
+}
+
+fn temp_dir_for(out: &Path) -> IndexResult<PathBuf> {
+    let name = out
+        .file_name()
+        .ok_or_else(|| IndexError::Build {
+            path: out.to_path_buf(),
+            problem: "output path has no folder name".into(),
+        })?
+        .to_string_lossy()
+        .to_string();
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    Ok(parent.join(format!(".{name}.building-{}", std::process::id())))
+}
+
+/// Builds the index of every (layer, KV head) of `dump` into the folder `out`.
+/// `force` replaces an existing index there; otherwise an existing `out` is an error.
+pub fn build_index(
+    dump: &KvDump,
+    params: &BuildParams,
+    out: &Path,
+    force: bool,
+    progress: BuildProgress,
+) -> IndexResult<BuildReport> {
+    params.validate()?;
+    let started = Instant::now();
+    if out.exists() && !force {
+        return Err(IndexError::Build {
+            path: out.to_path_buf(),
+            problem: "already exists (pass --force to replace it)".into(),
+        });
+    }
+    let tmp = temp_dir_for(out)?;
+    let io_err = |path: &Path, e: std::io::Error| IndexError::Build {
+        path: path.to_path_buf(),
+        problem: e.to_string(),
+    };
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+    let result = build_into(dump, params, &tmp, progress, started);
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    if out.exists() {
+        std::fs::remove_dir_all(out).map_err(|e| io_err(out, e))?;
+    }
+    std::fs::rename(&tmp, out).map_err(|e| io_err(out, e))?;
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fsync_dir(parent)?;
+    }
+    Ok(BuildReport {
+        dir: out.to_path_buf(),
+        seconds: started.elapsed().as_secs_f64(),
+        ..report
+    })
+}
+
+fn build_into(
+    dump: &KvDump,
+    params: &BuildParams,
+    dir: &Path,
+    progress: BuildProgress,
+    started: Instant,
+) -> IndexResult<BuildReport> {
+    let meta = &dump.meta;
+    let (layers, kv_heads, dim) = (dump.num_layers(), meta.kv_heads, meta.head_dim);
+    let total = layers * kv_heads;
+    let done = AtomicUsize::new(0);
+    let mut heads: Vec<HeadBuild> = (0..total)
+        .into_par_iter()
+        .map(|i| {
+            let (l, h) = (i / kv_heads, i % kv_heads);
+            let mut hb = build_head(
+                dump.keys.slice2(l, h),
+                dump.values.slice2(l, h),
+                dim,
+                params,
+                params.seed ^ ((i as u64 + 1) * 0x9E37_79B9_7F4A_7C15),
+            );
+            hb.manifest.layer_slot = l as u32;
+            hb.manifest.kv_head = h as u32;
+            hb.manifest.segment = l as u32;
+            progress(done.fetch_add(1, Ordering::Relaxed) + 1, total);
+            hb
+        })
+        .collect();
+
+    let mut segments = Vec::with_capacity(layers);
+    let mut segment_bytes = 0u64;
+    let mut blob = Vec::new();
+    for l in 0..layers {
+        let name = format!("layer-{:03}.seg", meta.layers[l]);
+        let mut writer = SegmentWriter::create(&dir.join(&name))?;
+        for hb in heads.iter_mut().filter(|hb| hb.manifest.layer_slot == l as u32) {
+            let h = hb.manifest.kv_head as usize;
+            let (keys, values) = (dump.keys.slice2(l, h), dump.values.slice2(l, h));
+            for (j, members) in hb.members.iter().enumerate() {
+                encode_list(j as u32, members, keys, values, dim, &mut blob);
+                let loc = writer.append(&blob)?;
+                hb.manifest.lists.push(ListLoc {
+                    offset: loc.offset,
+                    len: loc.len,
+                    padded_len: loc.padded_len,
+                    crc32: loc.crc32,
+                    members: members.len() as u32,
+                });
+            }
+        }
+        segment_bytes += writer.finish()?;
+        segments.push(name);
+    }
+
+    let lists = heads.iter().map(|h| h.manifest.lists.len()).sum();
+    let replicas = heads.iter().map(|h| h.manifest.replicas).sum();
+    let manifest = Manifest {
+        build: params.clone(),
+        source: SourceInfo {
+            dump_path: dump.path.display().to_string(),
+            model: meta.model.clone(),
+            model_type: meta.model_type.clone(),
+            layers: meta.layers.iter().map(|&l| l as u32).collect(),
+            q_heads: meta.q_heads as u32,
+            kv_heads: kv_heads as u32,
+            head_dim: dim as u32,
+            tokens: meta.tokens as u32,
+            softmax_scale: meta.softmax_scale.clone(),
+            content_hash: dump.content_hash(),
+        },
+        segments,
+        heads: heads.into_iter().map(|h| h.manifest).collect(),
+        build_seconds: started.elapsed().as_secs_f64(),
+    };
+    let bytes = manifest::encode(&manifest)?;
+    let mut file = AtomicFile::create(&dir.join(INDEX_FILE))?;
+    file.write_all(&bytes).map_err(|e| IndexError::Build {
+        path: dir.join(INDEX_FILE),
+        problem: e.to_string(),
+    })?;
+    file.commit()?;
+    fsync_dir(dir)?;
+    Ok(BuildReport {
+        dir: dir.to_path_buf(),
+        seconds: 0.0,
+        heads: total,
+        lists,
+        replicas,
+        segment_bytes,
+        index_bytes: bytes.len() as u64,
+    })
+}

@@ -1,0 +1,199 @@
+//! Every tunable of index build and search, named once, with its default, in one place.
+//! `strata inspect` prints these tables; the CLI overrides them by name (`--set name=value`).
+
+use serde::{Deserialize, Serialize};
+
+use crate::IndexError;
+
+/// Build-time parameters (stored in the index manifest so a search knows how it was built).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct BuildParams {
+    /// Mean number of keys per posting list (primary members; replicas come on top).
+    pub list_size: u32,
+    /// Lloyd iterations of the balanced k-means.
+    pub kmeans_iters: u32,
+    /// Keys sampled per centroid to train the k-means (the rest are only assigned).
+    pub kmeans_sample_per_list: u32,
+    /// Weight of the size penalty in the balanced assignment (SPANN): 0 gives plain k-means.
+    pub balance_penalty: f32,
+    /// Hard cap on a list's primary members, as a multiple of `list_size`.
+    pub max_list_factor: f32,
+    /// Above this many lists, centroids are grouped under a second level (hierarchical search).
+    pub hierarchy_threshold: u32,
+    /// Lists per top-level group when the hierarchy is built.
+    pub lists_per_group: u32,
+    /// Most lists one key may be stored in (1 = no replication).
+    pub replica_max: u32,
+    /// A key is replicated into a nearby list only if its squared distance to that centroid is at
+    /// most `(1 + replica_epsilon)` times the distance to its own centroid (SPANN closure rule).
+    pub replica_epsilon: f32,
+    /// Bits per dimension of the in-RAM key codes used for candidate scoring (1, 2, 4 or 8).
+    pub code_bits: u32,
+    /// Seed for every random choice of the build (results are reproducible).
+    pub seed: u64,
+}
+
+impl Default for BuildParams {
+    fn default() -> Self {
+        BuildParams {
+            list_size: 32,
+            kmeans_iters: 8,
+            kmeans_sample_per_list: 64,
+            balance_penalty: 0.5,
+            max_list_factor: 2.0,
+            hierarchy_threshold: 2048,
+            lists_per_group: 32,
+            replica_max: 2,
+            replica_epsilon: 0.1,
+            code_bits: 4,
+            seed: 0x5eed_57a7a,
+        }
+    }
+}
+
+/// Search-time parameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SearchParams {
+    /// Attended tokens beyond the static ones, as a fraction of visible keys (0, 1].
+    pub budget: f32,
+    /// Sink tokens at the start of the context, always attended.
+    pub sink_tokens: u32,
+    /// Most recent positions (p-63..=p for 64), always attended.
+    pub recent_tokens: u32,
+    /// Fraction of visible keys whose codes are scored: the lists with the best centroid scores
+    /// are taken until their members reach this fraction.
+    pub probe_fraction: f32,
+    /// Candidates kept from code scoring, as a multiple of the attended budget; their lists are
+    /// read and all members re-ranked with exact scores.
+    pub rerank_factor: f32,
+    /// Byte budget of the RAM tier in front of the segment files.
+    pub ram_cache_bytes: u64,
+}
+
+impl Default for SearchParams {
+    fn default() -> Self {
+        SearchParams {
+            budget: 0.02,
+            sink_tokens: 4,
+            recent_tokens: 64,
+            probe_fraction: 0.25,
+            rerank_factor: 2.0,
+            ram_cache_bytes: 256 << 20,
+        }
+    }
+}
+
+impl SearchParams {
+    pub fn validate(&self) -> Result<(), IndexError> {
+        if !(self.budget > 0.0 && self.budget <= 1.0) {
+            return Err(IndexError::Param {
+                name: "budget",
+                problem: format!("{} is outside (0, 1]", self.budget),
+            });
+        }
+        if !(self.probe_fraction > 0.0 && self.probe_fraction <= 1.0) {
+            return Err(IndexError::Param {
+                name: "probe_fraction",
+                problem: format!("{} is outside (0, 1]", self.probe_fraction),
+            });
+        }
+        if !(self.rerank_factor.is_finite() && self.rerank_factor >= 1.0) {
+            return Err(IndexError::Param {
+                name: "rerank_factor",
+                problem: format!("{} must be >= 1", self.rerank_factor),
+            });
+        }
+        Ok(())
+    }
+
+    /// Most tokens beyond the static ones that a query at `position` may attend.
+    pub fn budget_tokens(&self, position: usize) -> usize {
+        ((self.budget as f64) * (position as f64 + 1.0)).floor() as usize
+    }
+
+    /// True when `token` is static (sink or recent window) for a query at `position`.
+    pub fn is_static(&self, token: usize, position: usize) -> bool {
+        token < self.sink_tokens as usize
+            || (token <= position && token + (self.recent_tokens as usize) > position)
+    }
+
+    /// The static tokens of a query at `position`, ascending.
+    pub fn static_tokens(&self, position: usize) -> Vec<u32> {
+        let sinks = (self.sink_tokens as usize).min(position + 1);
+        let recent_start = (position + 1).saturating_sub(self.recent_tokens as usize);
+        let mut out: Vec<u32> = (0..sinks as u32).collect();
+        out.extend((recent_start.max(sinks)..=position).map(|t| t as u32));
+        out
+    }
+}
+
+impl BuildParams {
+    pub fn validate(&self) -> Result<(), IndexError> {
+        let bad = |name: &'static str, problem: String| Err(IndexError::Param { name, problem });
+        if self.list_size < 2 {
+            return bad("list_size", format!("{} must be >= 2", self.list_size));
+        }
+        if ![1, 2, 4, 8].contains(&self.code_bits) {
+            return bad("code_bits", format!("{} must be 1, 2, 4 or 8", self.code_bits));
+        }
+        if self.replica_max < 1 || self.replica_max > 8 {
+            return bad("replica_max", format!("{} must be in 1..=8", self.replica_max));
+        }
+        if !(self.max_list_factor >= 1.0) {
+            return bad("max_list_factor", format!("{} must be >= 1", self.max_list_factor));
+        }
+        if !(self.balance_penalty >= 0.0) || !(self.replica_epsilon >= 0.0) {
+            return bad(
+                "balance_penalty/replica_epsilon",
+                "must be finite and >= 0".to_string(),
+            );
+        }
+        if self.lists_per_group < 2 {
+            return bad("lists_per_group", format!("{} must be >= 2", self.lists_per_group));
+        }
+        Ok(())
+    }
+}
+
+/// `(name, value)` rows of any serialisable parameter struct, in declaration order.
+pub fn param_rows<T: Serialize>(params: &T) -> Vec<(String, String)> {
+    match serde_json::to_value(params) {
+        Ok(serde_json::Value::Object(map)) => {
+            map.into_iter().map(|(k, v)| (k, v.to_string())).collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Applies `name=value` overrides to a parameter struct through its serde form, so that every
+/// parameter is settable by the one name it has here.
+pub fn apply_overrides<T: Serialize + serde::de::DeserializeOwned>(
+    params: &T,
+    overrides: &[String],
+) -> Result<T, IndexError> {
+    let mut value = serde_json::to_value(params).map_err(|e| IndexError::Param {
+        name: "overrides",
+        problem: e.to_string(),
+    })?;
+    let map = value.as_object_mut().ok_or(IndexError::Param {
+        name: "overrides",
+        problem: "parameters are not a struct".into(),
+    })?;
+    for item in overrides {
+        let (name, raw) = item.split_once('=').ok_or_else(|| IndexError::Param {
+            name: "overrides",
+            problem: format!("`{item}` is not name=value"),
+        })?;
+        let slot = map.get_mut(name).ok_or_else(|| IndexError::Param {
+            name: "overrides",
+            problem: format!("unknown parameter `{name}`"),
+        })?;
+        let parsed: serde_json::Value =
+            serde_json::from_str(raw).unwrap_or(serde_json::Value::String(raw.to_string()));
+        *slot = parsed;
+    }
+    serde_json::from_value(value).map_err(|e| IndexError::Param {
+        name: "overrides",
+        problem: e.to_string(),
+    })
+}

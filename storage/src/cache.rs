@@ -1,0 +1,183 @@
+//! The RAM tier: a byte-budgeted LRU cache of posting lists, shared by every session.
+//!
+//! One mutex guards a hash map (key -> buffer, recency tick) and an ordered map (tick -> key), so
+//! lookups are O(1) and recency updates and evictions are O(log n). Buffers are `Arc`s: an evicted
+//! list stays alive for whoever is still reading it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::aligned::AlignedBuf;
+
+/// Identifies a cached posting list: which segment file (a caller-assigned id) and where in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    pub file: u32,
+    pub offset: u64,
+}
+
+/// Counters since creation or the last `reset_stats`; `bytes` and `capacity` are current values.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub insertions: u64,
+    pub evictions: u64,
+    pub bytes: u64,
+    pub capacity: u64,
+}
+
+struct Entry {
+    buf: Arc<AlignedBuf>,
+    tick: u64,
+}
+
+#[derive(Default)]
+struct Inner {
+    map: HashMap<CacheKey, Entry>,
+    /// Recency order: the smallest tick is the least recently used.
+    order: BTreeMap<u64, CacheKey>,
+    next_tick: u64,
+    bytes: u64,
+    hits: u64,
+    misses: u64,
+    insertions: u64,
+    evictions: u64,
+}
+
+impl Inner {
+    fn tick(&mut self) -> u64 {
+        self.next_tick += 1;
+        self.next_tick
+    }
+
+    fn remove(&mut self, key: &CacheKey) -> Option<Entry> {
+        let e = self.map.remove(key)?;
+        self.order.remove(&e.tick);
+        self.bytes -= e.buf.len() as u64;
+        Some(e)
+    }
+}
+
+/// Thread-safe byte-budgeted LRU cache.
+pub struct RamCache {
+    capacity: u64,
+    inner: Mutex<Inner>,
+}
+
+impl RamCache {
+    pub fn new(capacity_bytes: u64) -> RamCache {
+        RamCache {
+            capacity: capacity_bytes,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    /// A poisoned lock only means another thread panicked mid-operation; every operation leaves
+    /// the maps consistent before it can panic, so carry on with the data.
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Looks up `key`, counting a hit or miss; a hit becomes the most recently used entry.
+    pub fn get(&self, key: &CacheKey) -> Option<Arc<AlignedBuf>> {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let tick = inner.next_tick + 1;
+        match inner.map.get_mut(key) {
+            Some(e) => {
+                inner.next_tick = tick;
+                inner.order.remove(&e.tick);
+                e.tick = tick;
+                inner.order.insert(tick, *key);
+                inner.hits += 1;
+                Some(Arc::clone(&e.buf))
+            }
+            None => {
+                inner.misses += 1;
+                None
+            }
+        }
+    }
+
+    /// Caches `buf` under `key` (replacing any previous entry), evicting least recently used
+    /// entries until the budget holds. A buffer larger than the whole budget is not cached.
+    pub fn insert(&self, key: CacheKey, buf: Arc<AlignedBuf>) {
+        let size = buf.len() as u64;
+        let mut g = self.lock();
+        g.remove(&key);
+        if size > self.capacity {
+            return;
+        }
+        while g.bytes + size > self.capacity {
+            let Some((_, victim)) = g.order.pop_first() else {
+                break;
+            };
+            if let Some(e) = g.map.remove(&victim) {
+                g.bytes -= e.buf.len() as u64;
+                g.evictions += 1;
+            }
+        }
+        let tick = g.tick();
+        g.order.insert(tick, key);
+        g.map.insert(key, Entry { buf, tick });
+        g.bytes += size;
+        g.insertions += 1;
+    }
+
+    /// Whether `key` is cached, without counting or refreshing it.
+    pub fn contains(&self, key: &CacheKey) -> bool {
+        self.lock().map.contains_key(key)
+    }
+
+    /// Number of cached entries.
+    pub fn len(&self) -> usize {
+        self.lock().map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Budget in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Drops every entry (counters are kept; see `reset_stats`).
+    pub fn clear(&self) {
+        let mut g = self.lock();
+        g.map.clear();
+        g.order.clear();
+        g.bytes = 0;
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let g = self.lock();
+        CacheStats {
+            hits: g.hits,
+            misses: g.misses,
+            insertions: g.insertions,
+            evictions: g.evictions,
+            bytes: g.bytes,
+            capacity: self.capacity,
+        }
+    }
+
+    /// Zeroes the hit/miss/insertion/eviction counters (contents stay).
+    pub fn reset_stats(&self) {
+        let mut g = self.lock();
+        g.hits = 0;
+        g.misses = 0;
+        g.insertions = 0;
+        g.evictions = 0;
+    }
+}
+
+impl std::fmt::Debug for RamCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RamCache")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
