@@ -22,13 +22,19 @@ fn fixture(dir: &Path) -> Option<(KvDump, std::path::PathBuf)> {
 }
 
 fn open(dir: &Path) -> Result<Index, IndexError> {
-    Index::open(dir, ReaderPreference::Auto, Arc::new(RamCache::new(64 << 20)))
+    Index::open(
+        dir,
+        ReaderPreference::Auto,
+        Arc::new(RamCache::new(64 << 20)),
+    )
 }
 
 #[test]
 fn full_budget_search_equals_exact_ranking() {
     let tmp = tempfile::tempdir().unwrap();
-    let Some((dump, dir)) = fixture(tmp.path()) else { return };
+    let Some((dump, dir)) = fixture(tmp.path()) else {
+        return;
+    };
     let index = open(&dir).unwrap();
     let params = SearchParams {
         budget: 1.0,
@@ -38,7 +44,11 @@ fn full_budget_search_equals_exact_ranking() {
     };
     let dim = dump.meta.head_dim;
     for l in 0..dump.num_layers() {
-        for qi in [0, dump.query_positions.len() / 2, dump.query_positions.len() - 1] {
+        for qi in [
+            0,
+            dump.query_positions.len() / 2,
+            dump.query_positions.len() - 1,
+        ] {
             let p = dump.query_positions[qi];
             let q = dump.queries.row(l, 0, qi);
             let r = index.search(l, 0, q, p, &params).unwrap();
@@ -48,17 +58,26 @@ fn full_budget_search_equals_exact_ranking() {
             let mut got = r.tokens.clone();
             got.sort_unstable();
             expect.sort_unstable();
-            assert_eq!(got, expect, "layer {l} query {qi}: all non-static visible tokens");
+            assert_eq!(
+                got, expect,
+                "layer {l} query {qi}: all non-static visible tokens"
+            );
             // Scores are the exact inner products of the stored (f16) keys.
             let keys = dump.keys.slice2(l, 0);
             for (t, s) in r.tokens.iter().zip(&r.scores) {
                 let e = dot(&keys[*t as usize * dim..(*t as usize + 1) * dim], q);
-                assert!((e - s).abs() <= 1e-3 * (1.0 + e.abs()), "token {t}: {s} vs {e}");
+                assert!(
+                    (e - s).abs() <= 1e-3 * (1.0 + e.abs()),
+                    "token {t}: {s} vs {e}"
+                );
             }
             // Values come back from the segment files, equal to the dump's.
             let values = r.values.as_ref().unwrap();
-            let vrow = &dump.values.slice2(l, 0)[r.tokens[0] as usize * dim..][..dim];
-            assert_eq!(&values[..dim], vrow);
+            assert_eq!(values.len(), r.tokens.len() * dim);
+            for (i, &t) in r.tokens.iter().enumerate() {
+                let vrow = &dump.values.slice2(l, 0)[t as usize * dim..][..dim];
+                assert_eq!(&values[i * dim..(i + 1) * dim], vrow);
+            }
         }
     }
 }
@@ -66,7 +85,9 @@ fn full_budget_search_equals_exact_ranking() {
 #[test]
 fn small_budget_respects_rules_and_finds_top_keys() {
     let tmp = tempfile::tempdir().unwrap();
-    let Some((dump, dir)) = fixture(tmp.path()) else { return };
+    let Some((dump, dir)) = fixture(tmp.path()) else {
+        return;
+    };
     let index = open(&dir).unwrap();
     let params = SearchParams::default();
     let dim = dump.meta.head_dim;
@@ -110,7 +131,9 @@ fn small_budget_respects_rules_and_finds_top_keys() {
 #[test]
 fn bad_queries_and_parameters_are_typed_errors() {
     let tmp = tempfile::tempdir().unwrap();
-    let Some((dump, dir)) = fixture(tmp.path()) else { return };
+    let Some((dump, dir)) = fixture(tmp.path()) else {
+        return;
+    };
     let index = open(&dir).unwrap();
     let p = dump.query_positions[0];
     let q = dump.queries.row(0, 0, 0).to_vec();
@@ -125,11 +148,20 @@ fn bad_queries_and_parameters_are_typed_errors() {
     let params = SearchParams::default();
     let mut nan = q.clone();
     nan[3] = f32::NAN;
-    let e = index.search(0, 0, &nan, p, &params).unwrap_err().to_string();
+    let e = index
+        .search(0, 0, &nan, p, &params)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("component 3") && e.contains("NaN"), "{e}");
-    let e = index.search(0, 0, &q[..10], p, &params).unwrap_err().to_string();
+    let e = index
+        .search(0, 0, &q[..10], p, &params)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("10 dims"), "{e}");
-    let e = index.search(0, 0, &q, 1 << 20, &params).unwrap_err().to_string();
+    let e = index
+        .search(0, 0, &q, 1 << 20, &params)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("past the"), "{e}");
     let e = index.search(5, 0, &q, p, &params).unwrap_err().to_string();
     assert!(e.contains("no such head"), "{e}");
@@ -138,7 +170,9 @@ fn bad_queries_and_parameters_are_typed_errors() {
 #[test]
 fn damaged_index_files_are_rejected_by_name() {
     let tmp = tempfile::tempdir().unwrap();
-    let Some((dump, dir)) = fixture(tmp.path()) else { return };
+    let Some((dump, dir)) = fixture(tmp.path()) else {
+        return;
+    };
 
     // A flipped byte in the manifest: checksum.
     let manifest = dir.join("index.strata");
@@ -164,7 +198,10 @@ fn damaged_index_files_are_rejected_by_name() {
     let seg_bytes = std::fs::read(&seg).unwrap();
     std::fs::write(&seg, &seg_bytes[..seg_bytes.len() - 4096]).unwrap();
     let e = open(&dir).err().expect("must fail").to_string();
-    assert!(e.contains(seg.file_name().unwrap().to_str().unwrap()), "{e}");
+    assert!(
+        e.contains(seg.file_name().unwrap().to_str().unwrap()),
+        "{e}"
+    );
 
     // A flipped byte inside the first posting list: the search that reads it says so.
     let mut flipped = seg_bytes.clone();
@@ -176,7 +213,10 @@ fn damaged_index_files_are_rejected_by_name() {
         probe_fraction: 1.0,
         ..Default::default()
     };
-    let layer = if seg.to_string_lossy().contains(&format!("{:03}", dump.meta.layers[0])) {
+    let layer = if seg
+        .to_string_lossy()
+        .contains(&format!("{:03}", dump.meta.layers[0]))
+    {
         0
     } else {
         1
@@ -197,7 +237,9 @@ fn damaged_index_files_are_rejected_by_name() {
 #[test]
 fn failed_build_leaves_nothing_behind_and_existing_index_is_kept() {
     let tmp = tempfile::tempdir().unwrap();
-    let Some((dump, dir)) = fixture(tmp.path()) else { return };
+    let Some((dump, dir)) = fixture(tmp.path()) else {
+        return;
+    };
     // Refuses to overwrite without force.
     let e = build_index(&dump, &BuildParams::default(), &dir, false, &|_, _| {}).unwrap_err();
     assert!(e.to_string().contains("already exists"), "{e}");
@@ -223,7 +265,9 @@ fn failed_build_leaves_nothing_behind_and_existing_index_is_kept() {
 #[test]
 fn cold_reads_come_from_disk_and_warm_from_ram() {
     let tmp = tempfile::tempdir().unwrap();
-    let Some((dump, dir)) = fixture(tmp.path()) else { return };
+    let Some((dump, dir)) = fixture(tmp.path()) else {
+        return;
+    };
     let index = open(&dir).unwrap();
     let params = SearchParams::default();
     let qi = dump.query_positions.len() - 1;

@@ -38,8 +38,12 @@ fn cut(t: &Tensor4, layers: &[usize], third: usize) -> Tensor4 {
 /// positions); it keeps no train queries of its own.
 pub fn reduced_dump(src: &KvDump, layers: &[usize], tokens: usize, out: &Path) -> PathBuf {
     let (tq, tp) = (
-        src.train_queries.as_ref().expect("source has train queries"),
-        src.train_positions.as_ref().expect("source has train positions"),
+        src.train_queries
+            .as_ref()
+            .expect("source has train queries"),
+        src.train_positions
+            .as_ref()
+            .expect("source has train positions"),
     );
     let keep: Vec<usize> = (0..tp.len()).filter(|&i| tp[i] < tokens).collect();
     let [_, qh, _, d] = tq.shape;

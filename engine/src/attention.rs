@@ -37,7 +37,10 @@ pub fn attend_logits(logits: &[f32], values: &[f32], dim: usize) -> Attended {
 /// Merges attentions over disjoint token sets into the attention over their union.
 pub fn merge(parts: &[Attended]) -> Attended {
     let dim = parts.first().map(|p| p.output.len()).unwrap_or(0);
-    let max = parts.iter().map(|p| p.lse).fold(f32::NEG_INFINITY, f32::max);
+    let max = parts
+        .iter()
+        .map(|p| p.lse)
+        .fold(f32::NEG_INFINITY, f32::max);
     if !max.is_finite() {
         return Attended {
             output: vec![0.0; dim],

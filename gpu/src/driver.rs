@@ -21,7 +21,9 @@ pub struct GpuDevice {
 #[derive(Clone, Debug, PartialEq)]
 pub enum GpuStatus {
     /// No CUDA driver library on this machine (the reason says what was looked for).
-    NoDriver { reason: String },
+    NoDriver {
+        reason: String,
+    },
     Devices(Vec<GpuDevice>),
 }
 
@@ -90,9 +92,13 @@ pub fn probe() -> Result<GpuStatus, GpuError> {
         check("cuDeviceGet", unsafe { cu_get(&mut dev, ordinal) })?;
         let mut buf = [0 as c_char; 256];
         // SAFETY: the buffer holds 256 bytes and the driver writes a NUL-terminated name into it.
-        check("cuDeviceGetName", unsafe { cu_name(buf.as_mut_ptr(), 256, dev) })?;
+        check("cuDeviceGetName", unsafe {
+            cu_name(buf.as_mut_ptr(), 256, dev)
+        })?;
         // SAFETY: the driver NUL-terminated the name within the buffer.
-        let name = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned();
+        let name = unsafe { CStr::from_ptr(buf.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
         let mut mem = 0usize;
         // SAFETY: valid out-pointer, valid device handle.
         check("cuDeviceTotalMem_v2", unsafe { cu_mem(&mut mem, dev) })?;

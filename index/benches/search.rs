@@ -11,13 +11,19 @@ fn keys_and_query() -> (Vec<f32>, Vec<f32>, usize) {
         .join("../../shared/data/smollm2-jargon-8k.safetensors");
     if let Ok(d) = strata_storage::kvdump::KvDump::open(&path) {
         let dim = d.meta.head_dim;
-        return (d.keys.slice2(2, 0).to_vec(), d.queries.row(2, 0, 0).to_vec(), dim);
+        return (
+            d.keys.slice2(2, 0).to_vec(),
+            d.queries.row(2, 0, 0).to_vec(),
+            dim,
+        );
     }
     eprintln!("shared dump not found; benchmarking on pseudo-random keys");
     let dim = 64;
     let mut x = 1u64;
     let mut next = || {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
     };
     let keys = (0..8192 * dim).map(|_| next()).collect();

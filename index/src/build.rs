@@ -44,7 +44,13 @@ struct HeadBuild {
     members: Vec<Vec<u32>>,
 }
 
-fn build_head(keys: &[f32], values: &[f32], dim: usize, params: &BuildParams, seed: u64) -> HeadBuild {
+fn build_head(
+    keys: &[f32],
+    values: &[f32],
+    dim: usize,
+    params: &BuildParams,
+    seed: u64,
+) -> HeadBuild {
     let n = keys.len() / dim;
     let k = n.div_ceil(params.list_size as usize).max(1);
     let cfg = KMeansConfig {
@@ -295,7 +301,10 @@ fn build_into(
     for l in 0..layers {
         let name = format!("layer-{:03}.seg", meta.layers[l]);
         let mut writer = SegmentWriter::create(&dir.join(&name))?;
-        for hb in heads.iter_mut().filter(|hb| hb.manifest.layer_slot == l as u32) {
+        for hb in heads
+            .iter_mut()
+            .filter(|hb| hb.manifest.layer_slot == l as u32)
+        {
             let h = hb.manifest.kv_head as usize;
             let (keys, values) = (dump.keys.slice2(l, h), dump.values.slice2(l, h));
             for (j, members) in hb.members.iter().enumerate() {

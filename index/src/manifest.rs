@@ -134,11 +134,9 @@ impl MappedManifest {
         })?;
         let payload = footer::check_whole(&path, &mmap, INDEX_MAGIC, INDEX_VERSION)?;
         let payload_len = payload.len();
-        rkyv::access::<ArchivedManifest, rancor::Error>(payload).map_err(|e| {
-            IndexError::Open {
-                path: path.clone(),
-                problem: format!("manifest fails validation: {e}"),
-            }
+        rkyv::access::<ArchivedManifest, rancor::Error>(payload).map_err(|e| IndexError::Open {
+            path: path.clone(),
+            problem: format!("manifest fails validation: {e}"),
         })?;
         Ok(MappedManifest {
             path,

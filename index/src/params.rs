@@ -6,7 +6,16 @@ use serde::{Deserialize, Serialize};
 use crate::IndexError;
 
 /// Build-time parameters (stored in the index manifest so a search knows how it was built).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[derive(
+    Clone,
+    Debug,
+    PartialEq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub struct BuildParams {
     /// Mean number of keys per posting list (primary members; replicas come on top).
     pub list_size: u32,
@@ -134,22 +143,35 @@ impl BuildParams {
             return bad("list_size", format!("{} must be >= 2", self.list_size));
         }
         if ![1, 2, 4, 8].contains(&self.code_bits) {
-            return bad("code_bits", format!("{} must be 1, 2, 4 or 8", self.code_bits));
+            return bad(
+                "code_bits",
+                format!("{} must be 1, 2, 4 or 8", self.code_bits),
+            );
         }
         if self.replica_max < 1 || self.replica_max > 8 {
-            return bad("replica_max", format!("{} must be in 1..=8", self.replica_max));
+            return bad(
+                "replica_max",
+                format!("{} must be in 1..=8", self.replica_max),
+            );
         }
-        if !(self.max_list_factor >= 1.0) {
-            return bad("max_list_factor", format!("{} must be >= 1", self.max_list_factor));
+        if !self.max_list_factor.is_finite() || self.max_list_factor < 1.0 {
+            return bad(
+                "max_list_factor",
+                format!("{} must be >= 1", self.max_list_factor),
+            );
         }
-        if !(self.balance_penalty >= 0.0) || !(self.replica_epsilon >= 0.0) {
+        let non_negative = |v: f32| v.is_finite() && v >= 0.0;
+        if !non_negative(self.balance_penalty) || !non_negative(self.replica_epsilon) {
             return bad(
                 "balance_penalty/replica_epsilon",
                 "must be finite and >= 0".to_string(),
             );
         }
         if self.lists_per_group < 2 {
-            return bad("lists_per_group", format!("{} must be >= 2", self.lists_per_group));
+            return bad(
+                "lists_per_group",
+                format!("{} must be >= 2", self.lists_per_group),
+            );
         }
         Ok(())
     }

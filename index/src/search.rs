@@ -5,9 +5,9 @@
 //!    the best lists until their primary members reach `probe_fraction` of the visible keys;
 //! 2. score the in-RAM key codes of those members and keep the best `rerank_factor × budget`
 //!    tokens as candidates; the lists that hold them are the lists this query needs;
-//! 3. read those lists (RAM tier, else one batched read from the segment file), score every
-//!    visible, non-static member exactly (replicas deduplicated), and return the top `budget`
-//!    tokens with their exact scores and values.
+//! 3. read those lists (RAM tier, else one batched read from the segment file), score the
+//!    candidates exactly from their full keys (replicas deduplicated), and return the top
+//!    `budget` tokens with their exact scores and values.
 //!
 //! Static tokens (sinks and the recent window) are never searched: the caller attends them.
 
@@ -79,13 +79,14 @@ impl Index {
         }
         for (i, h) in m.heads.iter().enumerate() {
             let seg = h.segment.to_native() as usize;
-            let file_len = segments
-                .get(seg)
-                .map(|s| s.file_len())
-                .ok_or_else(|| IndexError::Open {
-                    path: manifest.path().to_path_buf(),
-                    problem: format!("head {i} names segment {seg}, which does not exist"),
-                })?;
+            let file_len =
+                segments
+                    .get(seg)
+                    .map(|s| s.file_len())
+                    .ok_or_else(|| IndexError::Open {
+                        path: manifest.path().to_path_buf(),
+                        problem: format!("head {i} names segment {seg}, which does not exist"),
+                    })?;
             check_head(h, file_len).map_err(|problem| IndexError::Open {
                 path: manifest.path().to_path_buf(),
                 problem: format!("head {i}: {problem}"),
@@ -177,7 +178,9 @@ impl Index {
             return Err(qerr(format!("query component {i} is {}", q[i])));
         }
         if position >= tokens {
-            return Err(qerr(format!("position is past the {tokens} indexed tokens")));
+            return Err(qerr(format!(
+                "position is past the {tokens} indexed tokens"
+            )));
         }
         let visible = position + 1;
         let budget = params.budget_tokens(position);
@@ -277,11 +280,17 @@ impl Index {
         let io_started = Instant::now();
         let bufs = self.fetch_lists(head, &need, &mut stats)?;
         stats.io_ns = io_started.elapsed().as_nanos() as u64;
-        let mut seen = vec![false; visible];
+        // Only the candidates are scored exactly: the codes already ranked every probed member,
+        // and re-scoring whole lists would cost full-key work for tokens the codes ruled out.
+        let mut wanted = vec![false; visible];
+        for &i in &best {
+            wanted[cand_tokens[i as usize] as usize] = true;
+        }
         let mut ex_tokens: Vec<u32> = Vec::new();
         let mut ex_scores: Vec<f32> = Vec::new();
-        let mut ex_loc: Vec<(u32, u32)> = Vec::new();
-        let mut keys_f32 = Vec::new();
+        let mut ex_rows: Vec<(u32, u32)> = Vec::new();
+        let mut views = Vec::with_capacity(bufs.len());
+        let mut key = Vec::with_capacity(dim);
         for (bi, (buf, &l)) in bufs.iter().zip(&need).enumerate() {
             let list = parse_list(buf, l, dim).map_err(|problem| IndexError::Open {
                 path: self.segments[head.segment.to_native() as usize]
@@ -289,37 +298,34 @@ impl Index {
                     .to_path_buf(),
                 problem: format!("list {l}: {problem}"),
             })?;
-            keys_f32.clear();
-            f16_bytes_to_f32(list.keys, &mut keys_f32);
-            for (r, &t) in list.ids.iter().enumerate() {
+            for r in 0..list.len() {
+                let t = list.id(r);
                 let tu = t as usize;
-                if tu > position || params.is_static(tu, position) || seen[tu] {
+                if tu > position || !wanted[tu] {
                     continue;
                 }
-                seen[tu] = true;
+                wanted[tu] = false;
+                key.clear();
+                f16_bytes_to_f32(list.key_bytes(r), &mut key);
                 ex_tokens.push(t);
-                ex_scores.push(dot(&keys_f32[r * dim..(r + 1) * dim], q));
-                ex_loc.push((bi as u32, r as u32));
+                ex_scores.push(dot(&key, q));
+                ex_rows.push((bi as u32, r as u32));
             }
+            views.push(list);
         }
         stats.keys_scored = ex_tokens.len() as u64;
         let top = top_k_indices(&ex_scores, budget);
+        let mut values = Vec::with_capacity(top.len() * dim);
+        for &i in &top {
+            let (bi, r) = ex_rows[i as usize];
+            f16_bytes_to_f32(views[bi as usize].value_bytes(r as usize), &mut values);
+        }
         let mut out = Retrieved {
-            tokens: Vec::with_capacity(top.len()),
-            scores: Vec::with_capacity(top.len()),
-            values: Some(Vec::with_capacity(top.len() * dim)),
+            tokens: top.iter().map(|&i| ex_tokens[i as usize]).collect(),
+            scores: top.iter().map(|&i| ex_scores[i as usize]).collect(),
+            values: Some(values),
             stats,
         };
-        let values = out.values.as_mut().expect("set above");
-        for &i in &top {
-            let (bi, r) = ex_loc[i as usize];
-            let list = parse_list(&bufs[bi as usize], need[bi as usize], dim)
-                .map_err(|problem| qerr(problem))?;
-            let row = &list.values[r as usize * dim * 2..(r as usize + 1) * dim * 2];
-            f16_bytes_to_f32(row, values);
-            out.tokens.push(ex_tokens[i as usize]);
-            out.scores.push(ex_scores[i as usize]);
-        }
         out.stats.search_ns = started.elapsed().as_nanos() as u64;
         Ok(out)
     }
@@ -383,9 +389,36 @@ impl Index {
 
 /// A posting list's parts, borrowed from its buffer.
 pub struct ListView<'a> {
-    pub ids: Vec<u32>,
-    pub keys: &'a [u8],
-    pub values: &'a [u8],
+    ids: &'a [u8],
+    keys: &'a [u8],
+    values: &'a [u8],
+    row_bytes: usize,
+}
+
+impl<'a> ListView<'a> {
+    pub fn len(&self) -> usize {
+        self.ids.len() / 4
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Token id of member `r`.
+    pub fn id(&self, r: usize) -> u32 {
+        let b = &self.ids[4 * r..4 * r + 4];
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    }
+
+    /// f16 key of member `r`.
+    pub fn key_bytes(&self, r: usize) -> &'a [u8] {
+        &self.keys[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+
+    /// f16 value of member `r`.
+    pub fn value_bytes(&self, r: usize) -> &'a [u8] {
+        &self.values[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
 }
 
 /// Splits a posting list, checking its header against what the manifest says it is.
@@ -393,7 +426,8 @@ pub fn parse_list(buf: &[u8], list_id: u32, dim: usize) -> Result<ListView<'_>, 
     if buf.len() < LIST_HEADER_BYTES {
         return Err(format!("{} bytes, shorter than a list header", buf.len()));
     }
-    let word = |i: usize| u32::from_le_bytes([buf[4 * i], buf[4 * i + 1], buf[4 * i + 2], buf[4 * i + 3]]);
+    let word =
+        |i: usize| u32::from_le_bytes([buf[4 * i], buf[4 * i + 1], buf[4 * i + 2], buf[4 * i + 3]]);
     if word(0) != LIST_MAGIC {
         return Err("bad list magic".into());
     }
@@ -402,22 +436,25 @@ pub fn parse_list(buf: &[u8], list_id: u32, dim: usize) -> Result<ListView<'_>, 
     }
     let n = word(2) as usize;
     if word(3) as usize != dim {
-        return Err(format!("header dim {} differs from the index's {dim}", word(3)));
+        return Err(format!(
+            "header dim {} differs from the index's {dim}",
+            word(3)
+        ));
     }
     let ids_end = LIST_HEADER_BYTES + 4 * n;
     let keys_end = ids_end + n * dim * 2;
     let values_end = keys_end + n * dim * 2;
     if buf.len() < values_end {
-        return Err(format!("{} bytes, {n} members need {values_end}", buf.len()));
+        return Err(format!(
+            "{} bytes, {n} members need {values_end}",
+            buf.len()
+        ));
     }
-    let ids = buf[LIST_HEADER_BYTES..ids_end]
-        .chunks_exact(4)
-        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
     Ok(ListView {
-        ids,
+        ids: &buf[LIST_HEADER_BYTES..ids_end],
         keys: &buf[ids_end..keys_end],
         values: &buf[keys_end..values_end],
+        row_bytes: dim * 2,
     })
 }
 
@@ -440,7 +477,10 @@ fn check_head(h: &ArchivedHeadManifest, segment_len: u64) -> Result<(), String> 
         (h.primary_start.len() == lists + 1, "list offsets"),
         (h.primary_tokens.len() == tokens, "primary tokens"),
         (h.codes.len() == tokens * code_bytes, "codes"),
-        (h.code_lo.len() == dim && h.code_step.len() == dim, "quantiser"),
+        (
+            h.code_lo.len() == dim && h.code_step.len() == dim,
+            "quantiser",
+        ),
     ];
     if let Some((_, what)) = checks.iter().find(|(ok, _)| !ok) {
         return Err(format!("{what} have the wrong length"));
@@ -452,7 +492,10 @@ fn check_head(h: &ArchivedHeadManifest, segment_len: u64) -> Result<(), String> 
     {
         return Err("list offsets are not monotone over all tokens".into());
     }
-    if u32s(&h.primary_tokens).iter().any(|&t| t as usize >= tokens) {
+    if u32s(&h.primary_tokens)
+        .iter()
+        .any(|&t| t as usize >= tokens)
+    {
         return Err("a list names a token past the end".into());
     }
     for (j, l) in h.lists.iter().enumerate() {

@@ -524,52 +524,12 @@ pub fn probe_uring() -> std::io::Result<()> {
     IoUring::new(2).map(drop)
 }
 
-/// Opens `path` for io_uring: O_DIRECT if the filesystem takes it, buffered otherwise. Errors
-/// other than "O_DIRECT not supported" (missing file, permissions) are returned as they are.
-fn open_uring(path: &Path) -> StorageResult<Result<UringReader, std::io::Error>> {
-    let direct_file = match OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-    {
-        Ok(f) => Some(f),
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            log_fallback_once(2, || {
-                format!(
-                    "{}: the filesystem refuses O_DIRECT; io_uring reads go through the page cache",
-                    path.display()
-                )
-            });
-            None
-        }
-        Err(e) => return Err(StorageError::io(path, "open (O_DIRECT)", e)),
-    };
-    let (file, direct) = match direct_file {
-        Some(f) => {
-            // Some filesystems accept O_DIRECT at open but fail the reads: probe one page.
-            let len = f
-                .metadata()
-                .map_err(|e| StorageError::io(path, "stat", e))?
-                .len();
-            let ok = len < PAGE_SIZE as u64 || {
-                let mut probe = AlignedBuf::zeroed(PAGE_SIZE);
-                f.read_exact_at(probe.as_mut_slice(), 0).is_ok()
-            };
-            if ok {
-                (f, true)
-            } else {
-                log_fallback_once(2, || {
-                    format!(
-                        "{}: O_DIRECT reads fail on this filesystem; io_uring reads go through \
-                         the page cache",
-                        path.display()
-                    )
-                });
-                (open_plain(path)?.0, false)
-            }
-        }
-        None => (open_plain(path)?.0, false),
-    };
+/// Wraps an open file in an io_uring reader; the error is the ring setup failure.
+fn uring_reader(
+    path: &Path,
+    file: File,
+    direct: bool,
+) -> StorageResult<std::io::Result<UringReader>> {
     let file_len = file
         .metadata()
         .map_err(|e| StorageError::io(path, "stat", e))?
@@ -582,6 +542,83 @@ fn open_uring(path: &Path) -> StorageResult<Result<UringReader, std::io::Error>>
         ring: Mutex::new(Some(ring)),
         stats: Counters::default(),
     }))
+}
+
+fn open_direct(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+}
+
+/// Some filesystems accept O_DIRECT at open but fail the reads: probe the first page.
+fn direct_reads_work(file: &File) -> bool {
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    len < PAGE_SIZE as u64 || {
+        let mut probe = AlignedBuf::zeroed(PAGE_SIZE);
+        file.read_exact_at(probe.as_mut_slice(), 0).is_ok()
+    }
+}
+
+/// Opens `path` for io_uring: O_DIRECT if the filesystem takes it, buffered otherwise. Errors
+/// other than "O_DIRECT not supported" (missing file, permissions) are returned as they are.
+fn open_uring(path: &Path) -> StorageResult<std::io::Result<UringReader>> {
+    let direct_file = match open_direct(path) {
+        Ok(f) if direct_reads_work(&f) => Some(f),
+        Ok(_) => {
+            log_fallback_once(2, || {
+                format!(
+                    "{}: O_DIRECT reads fail on this filesystem; io_uring reads go through \
+                     the page cache",
+                    path.display()
+                )
+            });
+            None
+        }
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            log_fallback_once(2, || {
+                format!(
+                    "{}: the filesystem refuses O_DIRECT; io_uring reads go through the page cache",
+                    path.display()
+                )
+            });
+            None
+        }
+        Err(e) => return Err(StorageError::io(path, "open (O_DIRECT)", e)),
+    };
+    match direct_file {
+        Some(f) => uring_reader(path, f, true),
+        None => uring_reader(path, open_plain(path)?.0, false),
+    }
+}
+
+/// Opens exactly the backend `kind`, with no fallback (for benchmarks and tests that compare
+/// backends); an error if this machine or filesystem cannot provide it.
+pub fn open_reader_kind(path: &Path, kind: ReaderKind) -> StorageResult<Box<dyn ListReader>> {
+    let reader: Box<dyn ListReader> = match kind {
+        ReaderKind::UringDirect => {
+            let f = open_direct(path).map_err(|e| StorageError::io(path, "open (O_DIRECT)", e))?;
+            if !direct_reads_work(&f) {
+                return Err(StorageError::io(
+                    path,
+                    "read (O_DIRECT)",
+                    std::io::Error::from_raw_os_error(libc::EINVAL),
+                ));
+            }
+            let r = uring_reader(path, f, true)?
+                .map_err(|e| StorageError::io(path, "io_uring setup", e))?;
+            Box::new(r)
+        }
+        ReaderKind::UringBuffered => {
+            let r = uring_reader(path, open_plain(path)?.0, false)?
+                .map_err(|e| StorageError::io(path, "io_uring setup", e))?;
+            Box::new(r)
+        }
+        ReaderKind::Pread => open_pread(path)?,
+        ReaderKind::Mmap => open_mmap(path)?,
+    };
+    log_choice(reader.kind(), path);
+    Ok(reader)
 }
 
 /// Opens a reader for `path` following `pref` (see [`ReaderPreference`]).
@@ -600,22 +637,24 @@ pub fn open_reader(path: &Path, pref: ReaderPreference) -> StorageResult<Box<dyn
             }
         },
         ReaderPreference::Pread => open_pread(path)?,
-        ReaderPreference::Mmap => {
-            let (file, _) = open_plain(path)?;
-            // SAFETY: strata files are written once (atomic rename) and never modified in
-            // place, so the mapping's bytes do not change under us. Truncating the file from
-            // outside would be a SIGBUS, as for any mmap user.
-            let map = unsafe { memmap2::Mmap::map(&file) }
-                .map_err(|e| StorageError::io(path, "mmap", e))?;
-            Box::new(MmapReader {
-                path: path.to_path_buf(),
-                map,
-                stats: Counters::default(),
-            })
-        }
+        ReaderPreference::Mmap => open_mmap(path)?,
     };
     log_choice(reader.kind(), path);
     Ok(reader)
+}
+
+fn open_mmap(path: &Path) -> StorageResult<Box<dyn ListReader>> {
+    let (file, _) = open_plain(path)?;
+    // SAFETY: strata files are written once (atomic rename) and never modified in place, so the
+    // mapping's bytes do not change under us. Truncating the file from outside would be a
+    // SIGBUS, as for any mmap user.
+    let map =
+        unsafe { memmap2::Mmap::map(&file) }.map_err(|e| StorageError::io(path, "mmap", e))?;
+    Ok(Box::new(MmapReader {
+        path: path.to_path_buf(),
+        map,
+        stats: Counters::default(),
+    }))
 }
 
 fn open_pread(path: &Path) -> StorageResult<Box<dyn ListReader>> {

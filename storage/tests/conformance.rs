@@ -4,10 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use strata_storage::reader::{
-    drop_page_cache, open_reader, probe_uring, ListReader, ReadRequest, ReaderKind,
-    ReaderPreference,
+    drop_page_cache, open_reader, open_reader_kind, probe_uring, ListReader, ReadRequest,
+    ReaderKind, ReaderPreference,
 };
-use strata_storage::{StorageError, PAGE_SIZE};
+use strata_storage::{StorageError, StorageResult, PAGE_SIZE};
 
 /// Small deterministic generator so failures reproduce.
 struct SplitMix(u64);
@@ -47,7 +47,30 @@ fn uring_unavailable() -> Option<String> {
     }
 }
 
-fn expect_kind(pref: ReaderPreference, kind: ReaderKind) {
+/// How a test opens its reader: through a preference (with fallbacks) or an exact backend.
+#[derive(Clone, Copy, Debug)]
+enum Open {
+    Pref(ReaderPreference),
+    Exact(ReaderKind),
+}
+
+impl Open {
+    fn open(self, path: &Path) -> StorageResult<Box<dyn ListReader>> {
+        match self {
+            Open::Pref(p) => open_reader(path, p),
+            Open::Exact(k) => open_reader_kind(path, k),
+        }
+    }
+}
+
+fn expect_kind(how: Open, kind: ReaderKind) {
+    let pref = match how {
+        Open::Exact(k) => {
+            assert_eq!(k, kind);
+            return;
+        }
+        Open::Pref(p) => p,
+    };
     let ok = match pref {
         ReaderPreference::Pread => kind == ReaderKind::Pread,
         ReaderPreference::Mmap => kind == ReaderKind::Mmap,
@@ -118,12 +141,12 @@ fn assert_invalid(reader: &dyn ListReader, reqs: &[ReadRequest], what: &str) {
     }
 }
 
-fn conformance(pref: ReaderPreference, dir: &Path) {
+fn conformance(how: Open, dir: &Path) {
     let (path, data) = write_test_file(dir, 7);
-    let reader = open_reader(&path, pref).unwrap();
+    let reader = how.open(&path).unwrap();
     let kind = reader.kind();
-    println!("{pref} on {} -> {kind}", dir.display());
-    expect_kind(pref, kind);
+    println!("{how:?} on {} -> {kind}", dir.display());
+    expect_kind(how, kind);
     assert_eq!(reader.path(), path);
     assert_eq!(reader.file_len(), data.len() as u64);
     assert_eq!(reader.stats().reads, 0);
@@ -246,9 +269,9 @@ fn conformance(pref: ReaderPreference, dir: &Path) {
 }
 
 /// A file that shrinks after open: reads past the new end are errors, never panics or zeros.
-fn shrunk_file(pref: ReaderPreference, dir: &Path) {
+fn shrunk_file(how: Open, dir: &Path) {
     let (path, data) = write_test_file(dir, 11);
-    let reader = open_reader(&path, pref).unwrap();
+    let reader = how.open(&path).unwrap();
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     f.set_len((4 * PAGE_SIZE) as u64).unwrap();
     drop(f);
@@ -290,7 +313,7 @@ fn uring_or_skip(test: &str) -> bool {
 #[test]
 fn conformance_auto() {
     let dir = tempfile::tempdir().unwrap();
-    conformance(ReaderPreference::Auto, dir.path());
+    conformance(Open::Pref(ReaderPreference::Auto), dir.path());
 }
 
 #[test]
@@ -299,8 +322,35 @@ fn conformance_uring() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    conformance(ReaderPreference::Uring, dir.path());
-    shrunk_file(ReaderPreference::Uring, dir.path());
+    conformance(Open::Pref(ReaderPreference::Uring), dir.path());
+    shrunk_file(Open::Pref(ReaderPreference::Uring), dir.path());
+}
+
+/// Buffered io_uring, forced (Auto only picks it where O_DIRECT is refused).
+#[test]
+fn conformance_uring_buffered() {
+    if !uring_or_skip("conformance_uring_buffered") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    conformance(Open::Exact(ReaderKind::UringBuffered), dir.path());
+    shrunk_file(Open::Exact(ReaderKind::UringBuffered), dir.path());
+}
+
+/// io_uring + O_DIRECT, forced: skipped where the temp filesystem refuses O_DIRECT.
+#[test]
+fn conformance_uring_direct() {
+    if !uring_or_skip("conformance_uring_direct") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (probe, _) = write_test_file(dir.path(), 1);
+    if let Err(e) = open_reader_kind(&probe, ReaderKind::UringDirect) {
+        println!("SKIP conformance_uring_direct: {e}");
+        return;
+    }
+    conformance(Open::Exact(ReaderKind::UringDirect), dir.path());
+    shrunk_file(Open::Exact(ReaderKind::UringDirect), dir.path());
 }
 
 /// tmpfs may refuse O_DIRECT, which exercises the buffered io_uring fallback.
@@ -318,22 +368,24 @@ fn conformance_uring_tmpfs() {
         println!("SKIP conformance_uring_tmpfs: /dev/shm not writable");
         return;
     };
-    conformance(ReaderPreference::Uring, dir.path());
-    conformance(ReaderPreference::Auto, dir.path());
-    shrunk_file(ReaderPreference::Uring, dir.path());
+    conformance(Open::Pref(ReaderPreference::Uring), dir.path());
+    conformance(Open::Pref(ReaderPreference::Auto), dir.path());
+    shrunk_file(Open::Pref(ReaderPreference::Uring), dir.path());
 }
 
 #[test]
 fn conformance_pread() {
     let dir = tempfile::tempdir().unwrap();
-    conformance(ReaderPreference::Pread, dir.path());
-    shrunk_file(ReaderPreference::Pread, dir.path());
+    conformance(Open::Pref(ReaderPreference::Pread), dir.path());
+    conformance(Open::Exact(ReaderKind::Pread), dir.path());
+    shrunk_file(Open::Pref(ReaderPreference::Pread), dir.path());
 }
 
 #[test]
 fn conformance_mmap() {
     let dir = tempfile::tempdir().unwrap();
-    conformance(ReaderPreference::Mmap, dir.path());
+    conformance(Open::Pref(ReaderPreference::Mmap), dir.path());
+    conformance(Open::Exact(ReaderKind::Mmap), dir.path());
     // No shrunk-file check: truncating a mapped file is a SIGBUS by design of mmap.
 }
 

@@ -404,9 +404,9 @@ fn unfinished_segment_leaves_nothing() {
 
 #[test]
 fn segment_reader_kind_on_this_machine() {
-    // Informational: which reader Auto picks on the temp dir and on /work (if present).
+    // Informational: which reader Auto picks on the temp dir and on the target dir.
     let mut dirs = vec![tempfile::tempdir().unwrap()];
-    if let Ok(d) = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")) {
+    if let Ok(d) = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")) {
         dirs.push(d);
     }
     for d in &dirs {
@@ -499,19 +499,93 @@ fn missing_directory_is_an_io_error_naming_the_path() {
 }
 
 /// A full disk must be an Io error naming the path, leaving nothing at the final path.
-/// Needs a tiny full filesystem, which only exists if someone mounted one: point
-/// STRATA_FULL_FS_DIR at it (e.g. `mount -t tmpfs -o size=64k tmpfs /mnt/full`).
+///
+/// Runs against the tiny filesystem at STRATA_FULL_FS_DIR when set; otherwise re-runs itself in a
+/// private mount namespace with a 64 KiB tmpfs (needs `unshare`, as root or with user
+/// namespaces), and skips with a message where that is not possible.
 #[test]
 fn full_disk_is_an_io_error() {
     let Some(dir) = std::env::var_os("STRATA_FULL_FS_DIR") else {
-        println!("SKIP full_disk_is_an_io_error: STRATA_FULL_FS_DIR not set");
+        rerun_on_tiny_tmpfs("full_disk_is_an_io_error");
         return;
     };
-    let path = Path::new(&dir).join("strata-enospc-test.bin");
-    let res = atomic_write(&path, &vec![0xAB; 256 << 20]);
-    match res {
-        Err(StorageError::Io { path: p, .. }) => assert_eq!(p, path),
-        other => panic!("expected Io, got {other:?}"),
+    check_full_disk(Path::new(&dir));
+}
+
+/// Exit code of the wrapper script when it cannot mount the tmpfs.
+const NO_MOUNT: i32 = 77;
+
+fn rerun_on_tiny_tmpfs(test: &str) {
+    let exe = std::env::current_exe().unwrap();
+    let script = format!(
+        "d=$(mktemp -d) || exit {NO_MOUNT}; \
+         if ! mount -t tmpfs -o size=64k tmpfs \"$d\" 2>/dev/null; then rmdir \"$d\"; exit {NO_MOUNT}; fi; \
+         STRATA_FULL_FS_DIR=\"$d\" \"$0\" {test} --exact --nocapture; rc=$?; \
+         umount \"$d\"; rmdir \"$d\"; exit $rc"
+    );
+    for flags in ["-m", "-rm"] {
+        let out = std::process::Command::new("unshare")
+            .args([flags, "sh", "-c", &script])
+            .arg(&exe)
+            .output();
+        let Ok(out) = out else {
+            println!("SKIP {test}: unshare not available");
+            return;
+        };
+        match out.status.code() {
+            Some(0) => {
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                assert!(stdout.contains("1 passed"), "{stdout}");
+                println!("{test}: ran on a 64 KiB tmpfs (unshare {flags})");
+                return;
+            }
+            Some(NO_MOUNT) | Some(1) if out.stdout.is_empty() => continue,
+            _ => panic!(
+                "{test} failed on a full tmpfs:\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        }
     }
+    println!("SKIP {test}: cannot mount a tmpfs here; set STRATA_FULL_FS_DIR to a tiny filesystem");
+}
+
+fn check_full_disk(dir: &Path) {
+    let path = dir.join("strata-enospc-test.bin");
+    let res = atomic_write(&path, &vec![0xAB; 4 << 20]);
+    match res {
+        Err(StorageError::Io { path: ref p, .. }) => assert_eq!(p, &path),
+        ref other => panic!("expected Io, got {other:?}"),
+    }
+    println!("{}", res.unwrap_err());
     assert!(!path.exists());
+
+    // The segment writer surfaces the same error from append or finish, and leaves nothing.
+    let seg_path = dir.join("strata-enospc-test.strseg");
+    let mut w = SegmentWriter::create(&seg_path).unwrap();
+    let big = vec![1u8; 1 << 20];
+    let mut err = None;
+    for _ in 0..256 {
+        if let Err(e) = w.append(&big) {
+            err = Some(e);
+            break;
+        }
+    }
+    let err = match err {
+        Some(e) => {
+            drop(w);
+            e
+        }
+        None => w.finish().unwrap_err(),
+    };
+    println!("{err}");
+    assert!(
+        matches!(&err, StorageError::Io { path, .. } if path == &seg_path),
+        "{err}"
+    );
+    assert!(!seg_path.exists());
+    assert!(
+        std::fs::read_dir(dir).unwrap().next().is_none(),
+        "temp file left behind"
+    );
 }

@@ -327,6 +327,8 @@ fn run_method(
         ix.cache().reset_stats();
     }
 
+    #[allow(clippy::needless_range_loop)]
+    // l indexes the dump, the accumulators and the index alike
     for l in 0..dump.num_layers() {
         let scale = meta.softmax_scale[l];
         for kvh in 0..meta.kv_heads {
@@ -358,11 +360,12 @@ fn run_method(
                         (None, Some(ix)) => ix.search(l, kvh, q, position, params)?,
                         (None, None) => bail!("method {method} has no index"),
                     };
-                    let (m, attended) =
-                        score_query(method, &retrieved, q, position, keys, values, dim, scale, params)
-                            .with_context(|| {
-                                format!("layer {l} head {qh} query {qi} (position {position})")
-                            })?;
+                    let (m, attended) = score_query(
+                        method, &retrieved, q, position, keys, values, dim, scale, params,
+                    )
+                    .with_context(|| {
+                        format!("layer {l} head {qh} query {qi} (position {position})")
+                    })?;
                     acc.add(&m);
                     if !args.no_query_detail {
                         records.push(QueryRecord {
@@ -462,7 +465,10 @@ fn score_query(
     let budget = params.budget_tokens(position);
     // Never score a wrong answer silently: check the method kept the rules.
     if method != "exact" && r.tokens.len() > budget {
-        bail!("{method} returned {} tokens, budget {budget}", r.tokens.len());
+        bail!(
+            "{method} returned {} tokens, budget {budget}",
+            r.tokens.len()
+        );
     }
     let mut attended = vec![false; visible];
     for &t in &r.tokens {
@@ -513,7 +519,9 @@ fn score_query(
         } else {
             s.keys_scored * f16_row + r.tokens.len() as u64 * 2 * f16_row
         };
-    let mut ids: Vec<u32> = (0..visible as u32).filter(|&t| attended[t as usize]).collect();
+    let mut ids: Vec<u32> = (0..visible as u32)
+        .filter(|&t| attended[t as usize])
+        .collect();
     ids.sort_unstable();
     Ok((
         QueryMetrics {
@@ -540,12 +548,29 @@ fn print_table(reports: &[RunReport], dump: &KvDump) {
         dump.path.display(),
         dump.meta.tokens,
         reports.first().map(|r| r.budget * 100.0).unwrap_or(0.0),
-        reports.first().map(|r| r.search_params.sink_tokens).unwrap_or(0),
-        reports.first().map(|r| r.search_params.recent_tokens).unwrap_or(0),
+        reports
+            .first()
+            .map(|r| r.search_params.sink_tokens)
+            .unwrap_or(0),
+        reports
+            .first()
+            .map(|r| r.search_params.recent_tokens)
+            .unwrap_or(0),
     );
     println!(
         "{:<10} {:>6} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>9} {:>6} {:>8} {:>8}",
-        "method", "R@10", "R@100", "mass", "err", "att%", "scored%", "bytes%", "ssdKB/q", "rd/q", "p50us", "p99us"
+        "method",
+        "R@10",
+        "R@100",
+        "mass",
+        "err",
+        "att%",
+        "scored%",
+        "bytes%",
+        "ssdKB/q",
+        "rd/q",
+        "p50us",
+        "p99us"
     );
     let mut rows: BTreeMap<usize, Vec<String>> = BTreeMap::new();
     for r in reports {

@@ -30,9 +30,21 @@ pub fn run(dir: Option<&Path>, defaults: bool, verify: bool) -> Result<()> {
     let search_defaults = param_rows(&SearchParams::default());
     let baseline_defaults = param_rows(&BaselineParams::default());
     if defaults || dir.is_none() {
-        print_table("build parameters (strata build --set)", &build_defaults, &build_defaults);
-        print_table("search parameters (strata eval --set)", &search_defaults, &search_defaults);
-        print_table("baseline parameters (strata eval --set)", &baseline_defaults, &baseline_defaults);
+        print_table(
+            "build parameters (strata build --set)",
+            &build_defaults,
+            &build_defaults,
+        );
+        print_table(
+            "search parameters (strata eval --set)",
+            &search_defaults,
+            &search_defaults,
+        );
+        print_table(
+            "baseline parameters (strata eval --set)",
+            &baseline_defaults,
+            &baseline_defaults,
+        );
         match strata_gpu::probe() {
             Ok(s) => println!("gpu: {s:?}"),
             Err(e) => println!("gpu: {e}"),
@@ -41,7 +53,9 @@ pub fn run(dir: Option<&Path>, defaults: bool, verify: bool) -> Result<()> {
             return Ok(());
         }
     }
-    let Some(dir) = dir else { bail!("no index folder given") };
+    let Some(dir) = dir else {
+        bail!("no index folder given")
+    };
     let index = Index::open(dir, ReaderPreference::Auto, Arc::new(RamCache::new(0)))?;
     let m = index.manifest();
     let build: BuildParams = index.build_params()?;
@@ -70,7 +84,9 @@ pub fn run(dir: Option<&Path>, defaults: bool, verify: bool) -> Result<()> {
     );
     println!("  built in    {:.2} s", m.build_seconds.to_native());
     print_table("build parameters", &param_rows(&build), &build_defaults);
-    println!("per head: lists, members/list (min/mean/max), replicas, groups, radius mean, segment MiB");
+    println!(
+        "per head: lists, members/list (min/mean/max), replicas, groups, radius mean, segment MiB"
+    );
     for h in m.heads.iter() {
         let starts = u32s(&h.primary_start);
         let sizes: Vec<u32> = starts.windows(2).map(|w| w[1] - w[0]).collect();
@@ -78,7 +94,11 @@ pub fn run(dir: Option<&Path>, defaults: bool, verify: bool) -> Result<()> {
         let min = sizes.iter().min().copied().unwrap_or(0);
         let max = sizes.iter().max().copied().unwrap_or(0);
         let radius = f32s(&h.radius);
-        let seg_bytes: u64 = h.lists.iter().map(|l| l.padded_len.to_native() as u64).sum();
+        let seg_bytes: u64 = h
+            .lists
+            .iter()
+            .map(|l| l.padded_len.to_native() as u64)
+            .sum();
         println!(
             "  layer {:>2} kv {:>2}: {:>5} lists, {}/{:.1}/{} members, {:>6} replicas, {:>3} groups, radius {:.3}, {:.2} MiB",
             src.layers[h.layer_slot.to_native() as usize],

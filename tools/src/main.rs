@@ -15,7 +15,11 @@ use strata_index::{build_index, BuildParams};
 use strata_storage::kvdump::KvDump;
 
 #[derive(Parser)]
-#[command(name = "strata", version, about = "Tiered KV-cache retrieval for long-context decoding")]
+#[command(
+    name = "strata",
+    version,
+    about = "Tiered KV-cache retrieval for long-context decoding"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

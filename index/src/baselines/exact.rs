@@ -21,7 +21,12 @@ pub struct Oracle<'a> {
 }
 
 impl HeadRetriever for ExactAll<'_> {
-    fn retrieve(&self, q: &[f32], position: usize, params: &SearchParams) -> IndexResult<Retrieved> {
+    fn retrieve(
+        &self,
+        q: &[f32],
+        position: usize,
+        params: &SearchParams,
+    ) -> IndexResult<Retrieved> {
         let t0 = Instant::now();
         let mut r = rerank(
             self.keys,
@@ -39,7 +44,12 @@ impl HeadRetriever for ExactAll<'_> {
 }
 
 impl HeadRetriever for Oracle<'_> {
-    fn retrieve(&self, q: &[f32], position: usize, params: &SearchParams) -> IndexResult<Retrieved> {
+    fn retrieve(
+        &self,
+        q: &[f32],
+        position: usize,
+        params: &SearchParams,
+    ) -> IndexResult<Retrieved> {
         let t0 = Instant::now();
         let mut r = rerank(
             self.keys,

@@ -4,8 +4,8 @@
 use std::sync::Mutex;
 use std::time::Instant;
 
-use faiss::index::ivf_flat::IVFFlatIndexImpl;
 use faiss::index::flat::FlatIndexImpl;
+use faiss::index::ivf_flat::IVFFlatIndexImpl;
 use faiss::Index;
 
 use super::{rerank, BaselineParams, HeadRetriever};
@@ -33,7 +33,8 @@ impl<'a> FaissIvfFlat<'a> {
         let n = keys.len() / dim;
         let nlist = n.div_ceil(p.ivf_list_size.max(1) as usize).max(1);
         let quantizer = FlatIndexImpl::new_ip(dim as u32).map_err(ferr)?;
-        let mut index = IVFFlatIndexImpl::new_ip(quantizer, dim as u32, nlist as u32).map_err(ferr)?;
+        let mut index =
+            IVFFlatIndexImpl::new_ip(quantizer, dim as u32, nlist as u32).map_err(ferr)?;
         index.train(keys).map_err(ferr)?;
         index.add(keys).map_err(ferr)?;
         Ok(FaissIvfFlat {
@@ -47,12 +48,19 @@ impl<'a> FaissIvfFlat<'a> {
 }
 
 impl HeadRetriever for FaissIvfFlat<'_> {
-    fn retrieve(&self, q: &[f32], position: usize, params: &SearchParams) -> IndexResult<Retrieved> {
+    fn retrieve(
+        &self,
+        q: &[f32],
+        position: usize,
+        params: &SearchParams,
+    ) -> IndexResult<Retrieved> {
         let t0 = Instant::now();
         let budget = params.budget_tokens(position);
         let n = self.keys.len() / self.dim;
         let avg = n as f64 / self.nlist as f64;
-        let nprobe = ((self.scan_factor as f64 * budget as f64) / avg).ceil().max(1.0) as u32;
+        let nprobe = ((self.scan_factor as f64 * budget as f64) / avg)
+            .ceil()
+            .max(1.0) as u32;
         let want = budget + params.static_tokens(position).len() + (n - position - 1);
         let res = {
             let mut index = self.index.lock().map_err(|_| IndexError::Baseline {
@@ -68,7 +76,9 @@ impl HeadRetriever for FaissIvfFlat<'_> {
             ..Default::default()
         };
         let toks = res.labels.iter().filter_map(|l| l.get()).map(|t| t as u32);
-        let mut r = rerank(self.keys, self.dim, q, position, params, toks, budget, stats);
+        let mut r = rerank(
+            self.keys, self.dim, q, position, params, toks, budget, stats,
+        );
         // FAISS scans whole probed lists; rerank only saw what it returned.
         r.stats.keys_scored = (nprobe.min(self.nlist as u32) as f64 * avg).round() as u64;
         r.stats.search_ns = t0.elapsed().as_nanos() as u64;

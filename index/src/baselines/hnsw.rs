@@ -23,10 +23,7 @@ pub struct HnswIp<'a> {
 impl<'a> HnswIp<'a> {
     pub fn build(keys: &'a [f32], dim: usize, p: &BaselineParams) -> Self {
         let n = keys.len() / dim;
-        let max_norm_sq = keys
-            .chunks_exact(dim)
-            .map(norm_sq)
-            .fold(0f32, f32::max);
+        let max_norm_sq = keys.chunks_exact(dim).map(norm_sq).fold(0f32, f32::max);
         let augmented: Vec<Vec<f32>> = keys
             .chunks_exact(dim)
             .map(|k| {
@@ -58,7 +55,12 @@ impl<'a> HnswIp<'a> {
 }
 
 impl HeadRetriever for HnswIp<'_> {
-    fn retrieve(&self, q: &[f32], position: usize, params: &SearchParams) -> IndexResult<Retrieved> {
+    fn retrieve(
+        &self,
+        q: &[f32],
+        position: usize,
+        params: &SearchParams,
+    ) -> IndexResult<Retrieved> {
         let t0 = Instant::now();
         let budget = params.budget_tokens(position);
         let n = self.keys.len() / self.dim;
@@ -69,7 +71,9 @@ impl HeadRetriever for HnswIp<'_> {
         let found = self.graph.search(&qa, want, self.ef_search.max(want));
         let stats = SearchStats::default();
         let toks = found.iter().map(|nb| nb.d_id as u32);
-        let mut r = rerank(self.keys, self.dim, q, position, params, toks, budget, stats);
+        let mut r = rerank(
+            self.keys, self.dim, q, position, params, toks, budget, stats,
+        );
         r.stats.search_ns = t0.elapsed().as_nanos() as u64;
         Ok(r)
     }

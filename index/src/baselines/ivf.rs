@@ -47,7 +47,12 @@ impl<'a> PlainIvf<'a> {
 }
 
 impl HeadRetriever for PlainIvf<'_> {
-    fn retrieve(&self, q: &[f32], position: usize, params: &SearchParams) -> IndexResult<Retrieved> {
+    fn retrieve(
+        &self,
+        q: &[f32],
+        position: usize,
+        params: &SearchParams,
+    ) -> IndexResult<Retrieved> {
         let t0 = Instant::now();
         let budget = params.budget_tokens(position);
         let mut order: Vec<(f32, usize)> = self
@@ -76,7 +81,9 @@ impl HeadRetriever for PlainIvf<'_> {
             ..Default::default()
         };
         let toks = chosen.iter().flat_map(|&j| self.lists[j].iter().copied());
-        let mut r = rerank(self.keys, self.dim, q, position, params, toks, budget, stats);
+        let mut r = rerank(
+            self.keys, self.dim, q, position, params, toks, budget, stats,
+        );
         r.stats.search_ns = t0.elapsed().as_nanos() as u64;
         Ok(r)
     }

@@ -47,11 +47,13 @@ impl Default for BaselineParams {
 
 /// One (layer, KV head) prepared by a method, answering queries of its query heads.
 pub trait HeadRetriever: Send + Sync {
-    fn retrieve(&self, q: &[f32], position: usize, params: &SearchParams) -> IndexResult<Retrieved>;
+    fn retrieve(&self, q: &[f32], position: usize, params: &SearchParams)
+        -> IndexResult<Retrieved>;
 }
 
 /// Exactly scores `tokens` (skipping invisible, static and repeated ones) and keeps the best
 /// `budget`. Shared by every baseline so that they differ only in which tokens they propose.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn rerank(
     keys: &[f32],
     dim: usize,
