@@ -10,7 +10,7 @@ use clap::Args;
 use serde::Serialize;
 use strata_engine::attention::attend_logits;
 use strata_engine::metrics::{covered_mass, output_error, recall_at_k, ExactAttention};
-use strata_index::baselines::exact::{ExactAll, Oracle};
+use strata_index::baselines::exact::Exact;
 use strata_index::baselines::hnsw::HnswIp;
 use strata_index::baselines::ivf::PlainIvf;
 use strata_index::baselines::{BaselineParams, HeadRetriever};
@@ -335,8 +335,16 @@ fn run_method(
             let keys = dump.keys.slice2(l, kvh);
             let values = dump.values.slice2(l, kvh);
             let prepared: Option<Box<dyn HeadRetriever + '_>> = match method {
-                "exact" => Some(Box::new(ExactAll { keys, dim })),
-                "oracle" => Some(Box::new(Oracle { keys, dim })),
+                "exact" => Some(Box::new(Exact {
+                    keys,
+                    dim,
+                    full: true,
+                })),
+                "oracle" => Some(Box::new(Exact {
+                    keys,
+                    dim,
+                    full: false,
+                })),
                 "ivf" => Some(Box::new(PlainIvf::build(keys, dim, baseline))),
                 "hnsw" => Some(Box::new(HnswIp::build(keys, dim, baseline))),
                 "ivf-faiss" => Some(faiss_baseline(keys, dim, baseline)?),

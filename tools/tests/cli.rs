@@ -1,23 +1,12 @@
 //! The `strata` binary end to end: build, inspect, eval with JSON whose per-query attended
 //! lists let anyone recompute the metrics, and clear errors for bad input.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use strata_tests::shared_dump;
 
 fn strata() -> Command {
     Command::new(env!("CARGO_BIN_EXE_strata"))
-}
-
-fn shared(name: &str) -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/data")
-        .join(name);
-    if p.exists() {
-        Some(p)
-    } else {
-        println!("skipping: {} not found", p.display());
-        None
-    }
 }
 
 fn run_ok(cmd: &mut Command) -> String {
@@ -44,7 +33,7 @@ fn run_err(cmd: &mut Command) -> String {
 
 #[test]
 fn build_inspect_eval_and_recompute_metrics() {
-    let Some(dump) = shared("smollm2-jargon-8k.safetensors") else {
+    let Some(dump) = shared_dump("smollm2-jargon-8k.safetensors") else {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -161,7 +150,7 @@ fn bad_input_gives_errors_that_name_the_problem() {
     );
     assert!(e.contains("nope.safetensors"), "{e}");
     // Unknown build parameter.
-    let Some(dump) = shared("smollm2-jargon-8k.safetensors") else {
+    let Some(dump) = shared_dump("smollm2-jargon-8k.safetensors") else {
         return;
     };
     let e = run_err(

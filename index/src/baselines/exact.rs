@@ -1,67 +1,40 @@
 //! Exact references: full attention over every visible key, and the oracle that attends the
 //! exact top tokens within the budget.
 
-use std::time::Instant;
-
-use super::{rerank, HeadRetriever};
+use super::HeadRetriever;
 use crate::params::SearchParams;
-use crate::search::{Retrieved, SearchStats};
+use crate::search::SearchStats;
 use crate::IndexResult;
 
-/// Full attention: every visible key (the budget does not apply).
-pub struct ExactAll<'a> {
+/// Proposes every visible key. With `full` it attends all of them (full attention, the budget
+/// does not apply); without, the exact top `budget` (the oracle: the best any retrieval can do
+/// within the budget).
+pub struct Exact<'a> {
     pub keys: &'a [f32],
     pub dim: usize,
+    pub full: bool,
 }
 
-/// The exact top `budget` tokens: the best any retrieval can do within the budget.
-pub struct Oracle<'a> {
-    pub keys: &'a [f32],
-    pub dim: usize,
-}
-
-impl HeadRetriever for ExactAll<'_> {
-    fn retrieve(
-        &self,
-        q: &[f32],
-        position: usize,
-        params: &SearchParams,
-    ) -> IndexResult<Retrieved> {
-        let t0 = Instant::now();
-        let mut r = rerank(
-            self.keys,
-            self.dim,
-            q,
-            position,
-            params,
-            0..=position as u32,
-            usize::MAX,
-            SearchStats::default(),
-        );
-        r.stats.search_ns = t0.elapsed().as_nanos() as u64;
-        Ok(r)
+impl HeadRetriever for Exact<'_> {
+    fn keys(&self) -> (&[f32], usize) {
+        (self.keys, self.dim)
     }
-}
 
-impl HeadRetriever for Oracle<'_> {
-    fn retrieve(
+    fn propose(
         &self,
-        q: &[f32],
+        _q: &[f32],
         position: usize,
-        params: &SearchParams,
-    ) -> IndexResult<Retrieved> {
-        let t0 = Instant::now();
-        let mut r = rerank(
-            self.keys,
-            self.dim,
-            q,
-            position,
-            params,
-            0..=position as u32,
-            params.budget_tokens(position),
-            SearchStats::default(),
-        );
-        r.stats.search_ns = t0.elapsed().as_nanos() as u64;
-        Ok(r)
+        _budget: usize,
+        _params: &SearchParams,
+    ) -> IndexResult<(Vec<u32>, SearchStats)> {
+        Ok(((0..=position as u32).collect(), SearchStats::default()))
+    }
+
+    fn keep(&self, budget: usize) -> usize {
+        if self.full {
+            usize::MAX
+        } else {
+            budget
+        }
     }
 }

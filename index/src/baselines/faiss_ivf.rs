@@ -2,15 +2,14 @@
 //! `faiss`). nlist and the scanned-key target match the plain IVF baseline.
 
 use std::sync::Mutex;
-use std::time::Instant;
 
 use faiss::index::flat::FlatIndexImpl;
 use faiss::index::ivf_flat::IVFFlatIndexImpl;
 use faiss::Index;
 
-use super::{rerank, BaselineParams, HeadRetriever};
+use super::{BaselineParams, HeadRetriever};
 use crate::params::SearchParams;
-use crate::search::{Retrieved, SearchStats};
+use crate::search::SearchStats;
 use crate::{IndexError, IndexResult};
 
 pub struct FaissIvfFlat<'a> {
@@ -48,40 +47,44 @@ impl<'a> FaissIvfFlat<'a> {
 }
 
 impl HeadRetriever for FaissIvfFlat<'_> {
-    fn retrieve(
+    fn keys(&self) -> (&[f32], usize) {
+        (self.keys, self.dim)
+    }
+
+    fn propose(
         &self,
         q: &[f32],
         position: usize,
+        budget: usize,
         params: &SearchParams,
-    ) -> IndexResult<Retrieved> {
-        let t0 = Instant::now();
-        let budget = params.budget_tokens(position);
+    ) -> IndexResult<(Vec<u32>, SearchStats)> {
         let n = self.keys.len() / self.dim;
         let avg = n as f64 / self.nlist as f64;
         let nprobe = ((self.scan_factor as f64 * budget as f64) / avg)
             .ceil()
-            .max(1.0) as u32;
+            .clamp(1.0, self.nlist as f64) as u32;
         let want = budget + params.static_tokens(position).len() + (n - position - 1);
         let res = {
             let mut index = self.index.lock().map_err(|_| IndexError::Baseline {
                 name: "ivf-faiss",
                 problem: "index lock poisoned".into(),
             })?;
-            index.set_nprobe(nprobe.min(self.nlist as u32));
+            index.set_nprobe(nprobe);
             index.search(q, want.min(n)).map_err(ferr)?
         };
         let stats = SearchStats {
             centroids_scored: self.nlist as u64,
             lists_read: nprobe as u64,
+            // FAISS scans whole probed lists, more than it returns.
+            keys_scored: (nprobe as f64 * avg).round() as u64,
             ..Default::default()
         };
-        let toks = res.labels.iter().filter_map(|l| l.get()).map(|t| t as u32);
-        let mut r = rerank(
-            self.keys, self.dim, q, position, params, toks, budget, stats,
-        );
-        // FAISS scans whole probed lists; rerank only saw what it returned.
-        r.stats.keys_scored = (nprobe.min(self.nlist as u32) as f64 * avg).round() as u64;
-        r.stats.search_ns = t0.elapsed().as_nanos() as u64;
-        Ok(r)
+        let toks = res
+            .labels
+            .iter()
+            .filter_map(|l| l.get())
+            .map(|t| t as u32)
+            .collect();
+        Ok((toks, stats))
     }
 }

@@ -3,14 +3,12 @@
 //! coordinate `sqrt(M² − |k|²)` (M the largest key norm) and each query a 0 there; then
 //! `|q' − k'|² = |q|² + M² − 2 q·k`, and the nearest keys are those with the largest q·k.
 
-use std::time::Instant;
-
 use hnsw_rs::prelude::{DistL2, Hnsw};
 
-use super::{rerank, BaselineParams, HeadRetriever};
+use super::{BaselineParams, HeadRetriever};
 use crate::linalg::norm_sq;
 use crate::params::SearchParams;
-use crate::search::{Retrieved, SearchStats};
+use crate::search::SearchStats;
 use crate::IndexResult;
 
 pub struct HnswIp<'a> {
@@ -55,26 +53,26 @@ impl<'a> HnswIp<'a> {
 }
 
 impl HeadRetriever for HnswIp<'_> {
-    fn retrieve(
+    fn keys(&self) -> (&[f32], usize) {
+        (self.keys, self.dim)
+    }
+
+    fn propose(
         &self,
         q: &[f32],
         position: usize,
+        budget: usize,
         params: &SearchParams,
-    ) -> IndexResult<Retrieved> {
-        let t0 = Instant::now();
-        let budget = params.budget_tokens(position);
+    ) -> IndexResult<(Vec<u32>, SearchStats)> {
         let n = self.keys.len() / self.dim;
         // Ask for enough neighbours that `budget` remain after dropping static and future keys.
         let want = budget + params.static_tokens(position).len() + (n - position - 1);
         let mut qa = q.to_vec();
         qa.push(0.0);
         let found = self.graph.search(&qa, want, self.ef_search.max(want));
-        let stats = SearchStats::default();
-        let toks = found.iter().map(|nb| nb.d_id as u32);
-        let mut r = rerank(
-            self.keys, self.dim, q, position, params, toks, budget, stats,
-        );
-        r.stats.search_ns = t0.elapsed().as_nanos() as u64;
-        Ok(r)
+        // hnsw_rs does not report the distances its traversal computed: only the returned
+        // neighbours are counted as scored.
+        let toks = found.iter().map(|nb| nb.d_id as u32).collect();
+        Ok((toks, SearchStats::default()))
     }
 }

@@ -1,15 +1,13 @@
 //! Plain k-means IVF over keys: Lloyd k-means (no balance, no replication), lists probed in
 //! centroid-score order until `ivf_scan_factor × budget` keys are scanned, best `budget` attended.
 
-use std::time::Instant;
-
 use rand::SeedableRng;
 
-use super::{rerank, BaselineParams, HeadRetriever};
+use super::{BaselineParams, HeadRetriever};
 use crate::kmeans::{balanced_kmeans, KMeansConfig};
 use crate::linalg::dot;
 use crate::params::SearchParams;
-use crate::search::{Retrieved, SearchStats};
+use crate::search::SearchStats;
 use crate::IndexResult;
 
 pub struct PlainIvf<'a> {
@@ -47,14 +45,17 @@ impl<'a> PlainIvf<'a> {
 }
 
 impl HeadRetriever for PlainIvf<'_> {
-    fn retrieve(
+    fn keys(&self) -> (&[f32], usize) {
+        (self.keys, self.dim)
+    }
+
+    fn propose(
         &self,
         q: &[f32],
         position: usize,
+        budget: usize,
         params: &SearchParams,
-    ) -> IndexResult<Retrieved> {
-        let t0 = Instant::now();
-        let budget = params.budget_tokens(position);
+    ) -> IndexResult<(Vec<u32>, SearchStats)> {
         let mut order: Vec<(f32, usize)> = self
             .centroids
             .chunks_exact(self.dim)
@@ -80,11 +81,10 @@ impl HeadRetriever for PlainIvf<'_> {
             lists_read: chosen.len() as u64,
             ..Default::default()
         };
-        let toks = chosen.iter().flat_map(|&j| self.lists[j].iter().copied());
-        let mut r = rerank(
-            self.keys, self.dim, q, position, params, toks, budget, stats,
-        );
-        r.stats.search_ns = t0.elapsed().as_nanos() as u64;
-        Ok(r)
+        let toks = chosen
+            .iter()
+            .flat_map(|&j| self.lists[j].iter().copied())
+            .collect();
+        Ok((toks, stats))
     }
 }

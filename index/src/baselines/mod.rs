@@ -8,6 +8,8 @@ pub mod faiss_ivf;
 pub mod hnsw;
 pub mod ivf;
 
+use std::time::Instant;
+
 use serde::{Deserialize, Serialize};
 
 use crate::linalg::{dot, top_k_indices};
@@ -45,43 +47,61 @@ impl Default for BaselineParams {
     }
 }
 
-/// One (layer, KV head) prepared by a method, answering queries of its query heads.
+/// One (layer, KV head) prepared by a method, answering queries of its query heads. A method
+/// only proposes candidate tokens; `retrieve` re-ranks them exactly against the same keys and
+/// keeps the best `budget`, so that the baselines differ only in what they propose.
 pub trait HeadRetriever: Send + Sync {
-    fn retrieve(&self, q: &[f32], position: usize, params: &SearchParams)
-        -> IndexResult<Retrieved>;
-}
+    /// The keys (`tokens × dim`) proposals are scored against, and `dim`.
+    fn keys(&self) -> (&[f32], usize);
 
-/// Exactly scores `tokens` (skipping invisible, static and repeated ones) and keeps the best
-/// `budget`. Shared by every baseline so that they differ only in which tokens they propose.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn rerank(
-    keys: &[f32],
-    dim: usize,
-    q: &[f32],
-    position: usize,
-    params: &SearchParams,
-    tokens: impl Iterator<Item = u32>,
-    budget: usize,
-    mut stats: SearchStats,
-) -> Retrieved {
-    let mut seen = vec![false; position + 1];
-    let mut toks = Vec::new();
-    let mut scores = Vec::new();
-    for t in tokens {
-        let tu = t as usize;
-        if tu > position || params.is_static(tu, position) || seen[tu] {
-            continue;
-        }
-        seen[tu] = true;
-        toks.push(t);
-        scores.push(dot(&keys[tu * dim..(tu + 1) * dim], q));
+    /// Candidate tokens for a query at `position` (duplicates, static and future tokens are
+    /// dropped later), and what finding them cost.
+    fn propose(
+        &self,
+        q: &[f32],
+        position: usize,
+        budget: usize,
+        params: &SearchParams,
+    ) -> IndexResult<(Vec<u32>, SearchStats)>;
+
+    /// How many of the proposals to attend: the budget, except for full attention.
+    fn keep(&self, budget: usize) -> usize {
+        budget
     }
-    stats.keys_scored = toks.len() as u64;
-    let top = top_k_indices(&scores, budget);
-    Retrieved {
-        tokens: top.iter().map(|&i| toks[i as usize]).collect(),
-        scores: top.iter().map(|&i| scores[i as usize]).collect(),
-        values: None,
-        stats,
+
+    fn retrieve(
+        &self,
+        q: &[f32],
+        position: usize,
+        params: &SearchParams,
+    ) -> IndexResult<Retrieved> {
+        let t0 = Instant::now();
+        let budget = params.budget_tokens(position);
+        let (tokens, stats) = self.propose(q, position, budget, params)?;
+        let (keys, dim) = self.keys();
+        let mut seen = vec![false; position + 1];
+        let mut toks = Vec::new();
+        let mut scores = Vec::new();
+        for t in tokens {
+            let tu = t as usize;
+            if tu > position || params.is_static(tu, position) || seen[tu] {
+                continue;
+            }
+            seen[tu] = true;
+            toks.push(t);
+            scores.push(dot(&keys[tu * dim..(tu + 1) * dim], q));
+        }
+        let top = top_k_indices(&scores, self.keep(budget));
+        let mut stats = stats;
+        if stats.keys_scored == 0 {
+            stats.keys_scored = toks.len() as u64;
+        }
+        stats.search_ns = t0.elapsed().as_nanos() as u64;
+        Ok(Retrieved {
+            tokens: top.iter().map(|&i| toks[i as usize]).collect(),
+            scores: top.iter().map(|&i| scores[i as usize]).collect(),
+            values: None,
+            stats,
+        })
     }
 }
