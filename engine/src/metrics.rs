@@ -20,12 +20,19 @@ impl ExactAttention {
     /// The `k` most attended tokens (ties broken by lower id).
     pub fn top_k(&self, k: usize) -> Vec<u32> {
         let mut idx: Vec<u32> = (0..self.probs.len() as u32).collect();
-        idx.sort_by(|&a, &b| {
-            self.probs[b as usize]
-                .total_cmp(&self.probs[a as usize])
-                .then(a.cmp(&b))
-        });
-        idx.truncate(k);
+        let order = |a: &u32, b: &u32| {
+            self.probs[*b as usize]
+                .total_cmp(&self.probs[*a as usize])
+                .then(a.cmp(b))
+        };
+        if k == 0 {
+            return Vec::new();
+        }
+        if k < idx.len() {
+            idx.select_nth_unstable_by(k - 1, order);
+            idx.truncate(k);
+        }
+        idx.sort_by(order);
         idx
     }
 }

@@ -14,7 +14,7 @@ use strata_storage::durable::{fsync_dir, AtomicFile};
 use strata_storage::kvdump::KvDump;
 use strata_storage::segment::SegmentWriter;
 
-use crate::codes::ScalarQuantizer;
+use crate::codes::{ScalarQuantizer, CODE_BLOCK};
 use crate::kmeans::{balanced_kmeans, KMeansConfig};
 use crate::linalg::norm_sq;
 use crate::manifest::{
@@ -128,13 +128,21 @@ fn build_head(
     };
 
     let sq = ScalarQuantizer::fit(keys, dim, params.code_bits);
-    let mut codes = Vec::with_capacity(n * sq.code_bytes());
+    let mut codes = Vec::with_capacity(n * sq.code_bytes() * 5 / 4);
+    let mut code_block_start = vec![0u32];
     let mut primary_tokens = Vec::with_capacity(n);
     let mut primary_start = vec![0u32];
+    let mut blocks = 0u32;
     for list in &primary {
-        for &t in list {
-            sq.encode(&keys[t as usize * dim..(t as usize + 1) * dim], &mut codes);
+        for chunk in list.chunks(CODE_BLOCK) {
+            let rows: Vec<&[f32]> = chunk
+                .iter()
+                .map(|&t| &keys[t as usize * dim..(t as usize + 1) * dim])
+                .collect();
+            sq.encode_block(&rows, &mut codes);
+            blocks += 1;
         }
+        code_block_start.push(blocks);
         primary_tokens.extend_from_slice(list);
         primary_start.push(primary_tokens.len() as u32);
     }
@@ -168,6 +176,7 @@ fn build_head(
             code_lo: sq.lo,
             code_step: sq.step,
             codes,
+            code_block_start,
             replicas,
         },
         members,

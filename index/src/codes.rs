@@ -1,6 +1,13 @@
 //! Compact key codes for candidate scoring: per-channel uniform scalar quantisation with 1, 2, 4
 //! or 8 bits per dimension, packed little-end-first into bytes. Scoring a code against a query
 //! needs no decoding: `q·k ≈ q·lo + Σ_d (q_d · step_d) · code_d`.
+//!
+//! In the index, codes are stored in blocks of [`CODE_BLOCK`] keys, byte-major (byte k of all
+//! keys of the block, then byte k+1, ...), so that one query weight meets 16 keys at once and
+//! the scoring loop is plain vertical SIMD.
+
+/// Keys per code block.
+pub const CODE_BLOCK: usize = 16;
 
 /// Per-channel quantiser fitted to a set of keys.
 #[derive(Clone, Debug, PartialEq)]
@@ -64,6 +71,28 @@ impl ScalarQuantizer {
             let c = ((v - self.lo[d]) / self.step[d]).round().clamp(0.0, max) as u8;
             out[start + d / cpb] |= c << ((d % cpb) as u32 * self.bits);
         }
+    }
+
+    /// Appends one block: the codes of up to [`CODE_BLOCK`] keys, byte-major; missing keys of a
+    /// short block are zero codes.
+    pub fn encode_block(&self, keys: &[&[f32]], out: &mut Vec<u8>) {
+        debug_assert!(keys.len() <= CODE_BLOCK);
+        let nbytes = self.code_bytes();
+        let start = out.len();
+        out.resize(start + nbytes * CODE_BLOCK, 0);
+        let mut one = Vec::with_capacity(nbytes);
+        for (lane, key) in keys.iter().enumerate() {
+            one.clear();
+            self.encode(key, &mut one);
+            for (k, &b) in one.iter().enumerate() {
+                out[start + k * CODE_BLOCK + lane] = b;
+            }
+        }
+    }
+
+    /// Bytes of one block.
+    pub fn block_bytes(&self) -> usize {
+        self.code_bytes() * CODE_BLOCK
     }
 
     /// Decodes one packed code (for tests and diagnostics).
@@ -138,6 +167,26 @@ impl CodeQuery {
         self.bias + acc as f32 * self.unit
     }
 
+    /// Approximate `q·k` for the [`CODE_BLOCK`] keys of one block.
+    #[inline]
+    pub fn score_block(&self, block: &[u8], out: &mut [f32; CODE_BLOCK]) {
+        let mask = ((1u32 << self.bits) - 1) as u8;
+        let cpb = 8 / self.bits as usize;
+        let mut acc = [0i32; CODE_BLOCK];
+        for (k, lanes) in block.chunks_exact(CODE_BLOCK).enumerate().take(self.nbytes) {
+            for s in 0..cpb {
+                let w = self.weights[s * self.nbytes + k] as i32;
+                let shift = s as u32 * self.bits;
+                for i in 0..CODE_BLOCK {
+                    acc[i] += w * ((lanes[i] >> shift) & mask) as i32;
+                }
+            }
+        }
+        for i in 0..CODE_BLOCK {
+            out[i] = self.bias + acc[i] as f32 * self.unit;
+        }
+    }
+
     /// Scores `n` consecutive packed codes.
     pub fn score_many(&self, codes: &[u8], out: &mut Vec<f32>) {
         out.extend(codes.chunks_exact(self.nbytes).map(|c| self.score(c)));
@@ -172,6 +221,18 @@ mod tests {
                 let exact: f32 = dec.iter().zip(&q).map(|(a, b)| a * b).sum();
                 let wsum: f32 = q.iter().zip(&sq.step).map(|(a, s)| (a * s).abs()).sum::<f32>() * ((1u32 << bits) - 1) as f32;
                 prop_assert!((cq.score(&code) - exact).abs() <= 1e-3 * (1.0 + exact.abs()) + wsum * 1e-4);
+            }
+            // Blocked layout scores the same as one code at a time.
+            let rows: Vec<&[f32]> = keys.chunks_exact(dim).take(CODE_BLOCK - 3).collect();
+            let mut block = Vec::new();
+            sq.encode_block(&rows, &mut block);
+            prop_assert_eq!(block.len(), sq.block_bytes());
+            let mut scores = [0f32; CODE_BLOCK];
+            cq.score_block(&block, &mut scores);
+            for (lane, row) in rows.iter().enumerate() {
+                let mut code = Vec::new();
+                sq.encode(row, &mut code);
+                prop_assert!((scores[lane] - cq.score(&code)).abs() <= 1e-4 * (1.0 + scores[lane].abs()));
             }
         }
     }

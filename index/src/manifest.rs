@@ -69,11 +69,13 @@ pub struct HeadManifest {
     /// Primary members of every list, list after list, and `lists + 1` offsets.
     pub primary_tokens: Vec<u32>,
     pub primary_start: Vec<u32>,
-    /// Key codes in the order of `primary_tokens`.
+    /// Key codes in the order of `primary_tokens`, in blocks of `codes::CODE_BLOCK` keys per
+    /// list (the last block of a list padded), and `lists + 1` block offsets.
     pub code_bits: u32,
     pub code_lo: Vec<f32>,
     pub code_step: Vec<f32>,
     pub codes: Vec<u8>,
+    pub code_block_start: Vec<u32>,
     /// Extra copies stored by boundary replication.
     pub replicas: u64,
 }

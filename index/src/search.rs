@@ -20,7 +20,7 @@ use strata_storage::cache::{CacheKey, CacheStats, RamCache};
 use strata_storage::reader::{ReaderKind, ReaderPreference};
 use strata_storage::segment::{ListLocation, SegmentFile};
 
-use crate::codes::ScalarQuantizer;
+use crate::codes::{ScalarQuantizer, CODE_BLOCK};
 use crate::linalg::{dot, f16_bytes_to_f32, top_k_indices};
 use crate::manifest::{f32s, u32s, ArchivedHeadManifest, ArchivedManifest, MappedManifest};
 use crate::manifest::{LIST_HEADER_BYTES, LIST_MAGIC};
@@ -241,35 +241,40 @@ impl Index {
             lo: f32s(&head.code_lo).to_vec(),
             step: f32s(&head.code_step).to_vec(),
         };
-        let code_bytes = sq.code_bytes();
+        let block_bytes = sq.block_bytes();
         let cq = sq.query(q);
         let codes = head.codes.as_slice();
+        let block_start = u32s(&head.code_block_start);
         let probe_target = (params.probe_fraction as f64 * visible as f64).ceil() as usize;
         let mut probed = 0usize;
         let mut cand_tokens: Vec<u32> = Vec::with_capacity(probe_target + 64);
         let mut cand_lists: Vec<u32> = Vec::with_capacity(probe_target + 64);
         let mut cand_scores: Vec<f32> = Vec::with_capacity(probe_target + 64);
+        let mut lane_scores = [0f32; CODE_BLOCK];
         for &(_, l) in &lscores {
             if probed >= probe_target {
                 break;
             }
-            let (s, e) = (
-                primary_start[l as usize] as usize,
-                primary_start[l as usize + 1] as usize,
-            );
-            for i in s..e {
-                let t = primary_tokens[i] as usize;
-                if t > position || params.is_static(t, position) {
-                    continue;
+            let members = &primary_tokens
+                [primary_start[l as usize] as usize..primary_start[l as usize + 1] as usize];
+            let first_block = block_start[l as usize] as usize;
+            for (b, chunk) in members.chunks(CODE_BLOCK).enumerate() {
+                let at = (first_block + b) * block_bytes;
+                cq.score_block(&codes[at..at + block_bytes], &mut lane_scores);
+                stats.codes_scored += chunk.len() as u64;
+                for (lane, &t) in chunk.iter().enumerate() {
+                    let tu = t as usize;
+                    if tu > position || params.is_static(tu, position) {
+                        continue;
+                    }
+                    probed += 1;
+                    cand_tokens.push(t);
+                    cand_lists.push(l);
+                    cand_scores.push(lane_scores[lane]);
                 }
-                probed += 1;
-                cand_tokens.push(t as u32);
-                cand_lists.push(l);
-                cand_scores.push(cq.score(&codes[i * code_bytes..(i + 1) * code_bytes]));
             }
         }
-        stats.codes_scored = cand_tokens.len() as u64;
-        stats.code_bytes = stats.codes_scored * code_bytes as u64;
+        stats.code_bytes = stats.codes_scored * sq.code_bytes() as u64;
         let keep = ((params.rerank_factor as f64) * budget as f64).ceil() as usize;
         let best = top_k_indices(&cand_scores, keep);
         let mut need: Vec<u32> = best.iter().map(|&i| cand_lists[i as usize]).collect();
@@ -476,7 +481,7 @@ fn check_head(h: &ArchivedHeadManifest, segment_len: u64) -> Result<(), String> 
         (h.radius.len() == lists, "radii"),
         (h.primary_start.len() == lists + 1, "list offsets"),
         (h.primary_tokens.len() == tokens, "primary tokens"),
-        (h.codes.len() == tokens * code_bytes, "codes"),
+        (h.code_block_start.len() == lists + 1, "code block offsets"),
         (
             h.code_lo.len() == dim && h.code_step.len() == dim,
             "quantiser",
@@ -485,12 +490,26 @@ fn check_head(h: &ArchivedHeadManifest, segment_len: u64) -> Result<(), String> 
     if let Some((_, what)) = checks.iter().find(|(ok, _)| !ok) {
         return Err(format!("{what} have the wrong length"));
     }
+    let blocks = u32s(&h.code_block_start);
+    if blocks.first() != Some(&0)
+        || blocks.windows(2).any(|w| w[0] > w[1])
+        || blocks.last().map(|&b| b as usize * code_bytes * CODE_BLOCK) != Some(h.codes.len())
+    {
+        return Err("code blocks do not cover the codes".into());
+    }
     let starts = u32s(&h.primary_start);
     if starts.first() != Some(&0)
         || starts.last().map(|&s| s as usize) != Some(tokens)
         || starts.windows(2).any(|w| w[0] > w[1])
     {
         return Err("list offsets are not monotone over all tokens".into());
+    }
+    if starts
+        .windows(2)
+        .zip(blocks.windows(2))
+        .any(|(s, b)| ((s[1] - s[0]) as usize).div_ceil(CODE_BLOCK) != (b[1] - b[0]) as usize)
+    {
+        return Err("a list's code blocks do not match its members".into());
     }
     if u32s(&h.primary_tokens)
         .iter()
