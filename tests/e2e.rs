@@ -3,9 +3,11 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use strata_engine::attention::{attend_logits, merge, Attended};
+use strata_engine::metrics::{output_error, ExactAttention};
 use strata_index::linalg::dot;
 use strata_index::params::SearchParams;
-use strata_index::{build_index, BuildParams, Index, IndexError};
+use strata_index::{build_index, BuildParams, Index, IndexError, Retrieved};
 use strata_storage::cache::RamCache;
 use strata_storage::kvdump::KvDump;
 use strata_storage::reader::ReaderPreference;
@@ -280,4 +282,226 @@ fn cold_reads_come_from_disk_and_warm_from_ram() {
     assert_eq!(warm.stats.ssd_reads, 0);
     assert_eq!(warm.stats.lists_from_ram, warm.stats.lists_read);
     assert_eq!(cold.tokens, warm.tokens);
+}
+
+/// Output error of one search's answer against exact attention over `0..=p`: of the exact part
+/// alone (static ∪ retrieved) and of the exact part merged with the remainder estimate.
+fn output_errors(
+    dump: &KvDump,
+    layer: usize,
+    qh: usize,
+    qi: usize,
+    r: &Retrieved,
+    params: &SearchParams,
+) -> (f64, f64) {
+    let dim = dump.meta.head_dim;
+    let kvh = dump.kv_head_of(qh);
+    let p = dump.query_positions[qi];
+    let q = dump.queries.row(layer, qh, qi);
+    let scale = dump.meta.softmax_scale[layer];
+    let keys = dump.keys.slice2(layer, kvh);
+    let values = dump.values.slice2(layer, kvh);
+    let logits: Vec<f32> = keys[..(p + 1) * dim]
+        .chunks_exact(dim)
+        .map(|k| scale * dot(k, q))
+        .collect();
+    let exact = ExactAttention::new(&logits, &values[..(p + 1) * dim], dim);
+    let mut sub_logits = Vec::new();
+    let mut sub_values = Vec::new();
+    for t in params
+        .static_tokens(p)
+        .into_iter()
+        .chain(r.tokens.iter().copied())
+    {
+        sub_logits.push(logits[t as usize]);
+        sub_values.extend_from_slice(&values[t as usize * dim..(t as usize + 1) * dim]);
+    }
+    let part = attend_logits(&sub_logits, &sub_values, dim);
+    let merged = match &r.remainder {
+        Some(rem) => merge(&[
+            part.clone(),
+            Attended {
+                output: rem.output.clone(),
+                lse: rem.lse,
+            },
+        ]),
+        None => part.clone(),
+    };
+    (
+        output_error(&part.output, &exact.output),
+        output_error(&merged.output, &exact.output),
+    )
+}
+
+#[test]
+fn remainder_estimate_lowers_output_error_on_real_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((dump, dir)) = fixture(tmp.path()) else {
+        return;
+    };
+    let index = open(&dir).unwrap();
+    let params = SearchParams::default();
+    assert!(params.estimate_remainder, "estimation is on by default");
+    let off = SearchParams {
+        estimate_remainder: false,
+        ..Default::default()
+    };
+    let (mut exact_only, mut with_estimate, mut n) = (0.0, 0.0, 0usize);
+    for l in 0..dump.num_layers() {
+        for qi in (0..dump.query_positions.len()).step_by(5) {
+            let p = dump.query_positions[qi];
+            if p < 200 {
+                continue;
+            }
+            for qh in 0..dump.meta.q_heads {
+                let kvh = dump.kv_head_of(qh);
+                let q = dump.queries.row(l, qh, qi);
+                let r = index.search(l, kvh, q, p, &params).unwrap();
+                let rem = r.remainder.as_ref().expect("estimate requested");
+                // Careful accounting: the estimate stands for exactly the visible, non-static
+                // tokens that were not attended.
+                let open = p + 1 - params.static_tokens(p).len() - r.tokens.len();
+                assert_eq!(rem.tokens as usize, open, "layer {l} query {qi} head {qh}");
+                assert!(rem.lse.is_finite() && rem.output.iter().all(|v| v.is_finite()));
+                // Without estimation: the same tokens, no remainder.
+                let r_off = index.search(l, kvh, q, p, &off).unwrap();
+                assert!(r_off.remainder.is_none());
+                assert_eq!(r_off.tokens, r.tokens);
+                let (e_exact, e_est) = output_errors(&dump, l, qh, qi, &r, &params);
+                exact_only += e_exact;
+                with_estimate += e_est;
+                n += 1;
+            }
+        }
+    }
+    let (exact_only, with_estimate) = (exact_only / n as f64, with_estimate / n as f64);
+    println!("{n} queries: mean output error {exact_only:.4} exact part only, {with_estimate:.4} with the estimate");
+    assert!(n > 50);
+    assert!(
+        with_estimate < 0.8 * exact_only,
+        "estimate {with_estimate} vs exact only {exact_only}"
+    );
+}
+
+#[test]
+fn remainder_is_neutral_when_everything_is_attended() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((dump, dir)) = fixture(tmp.path()) else {
+        return;
+    };
+    let index = open(&dir).unwrap();
+    let params = SearchParams {
+        budget: 1.0,
+        probe_fraction: 1.0,
+        rerank_factor: 1.0,
+        ..Default::default()
+    };
+    for qi in [0, dump.query_positions.len() - 1] {
+        let p = dump.query_positions[qi];
+        let r = index
+            .search(0, 0, dump.queries.row(0, 0, qi), p, &params)
+            .unwrap();
+        let rem = r.remainder.as_ref().expect("estimate requested");
+        assert_eq!(rem.tokens, 0);
+        assert_eq!(rem.lse, f32::NEG_INFINITY);
+        assert!(rem.output.iter().all(|&v| v == 0.0));
+        // Merged in, it changes nothing: the output is exact.
+        let (e_exact, e_est) = output_errors(&dump, 0, 0, qi, &r, &params);
+        assert!(
+            e_exact < 1e-3 && (e_est - e_exact).abs() < 1e-6,
+            "{e_exact} {e_est}"
+        );
+    }
+}
+
+#[test]
+fn target_mass_attends_within_the_cap_and_less_for_an_easy_target() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((dump, dir)) = fixture(tmp.path()) else {
+        return;
+    };
+    let index = open(&dir).unwrap();
+    let dim = dump.meta.head_dim;
+    let cap = SearchParams {
+        budget: 0.05,
+        ..Default::default()
+    };
+    let easy = SearchParams {
+        target_mass: Some(0.5),
+        ..cap.clone()
+    };
+    let (mut attended, mut capped) = (0usize, 0usize);
+    for l in 0..dump.num_layers() {
+        let scale = dump.meta.softmax_scale[l];
+        for qi in (0..dump.query_positions.len()).step_by(9) {
+            let p = dump.query_positions[qi];
+            for qh in 0..dump.meta.q_heads {
+                let kvh = dump.kv_head_of(qh);
+                let q = dump.queries.row(l, qh, qi);
+                let full = index.search(l, kvh, q, p, &cap).unwrap();
+                // The caller's exact static log-sum-exp, as the engine passes it.
+                let keys = dump.keys.slice2(l, kvh);
+                let s: Vec<f32> = cap
+                    .static_tokens(p)
+                    .iter()
+                    .map(|&t| scale * dot(&keys[t as usize * dim..(t as usize + 1) * dim], q))
+                    .collect();
+                let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let lse = m + s.iter().map(|x| (x - m).exp()).sum::<f32>().ln();
+                let r = index
+                    .search_with_static(l, kvh, q, p, &easy, Some(lse))
+                    .unwrap();
+                assert!(r.tokens.len() <= cap.budget_tokens(p));
+                // Attended tokens are the best of the full-budget answer, best first.
+                assert_eq!(r.tokens[..], full.tokens[..r.tokens.len()]);
+                // Without the caller's static sum it is estimated from codes: still within cap.
+                let c = index.search(l, kvh, q, p, &easy).unwrap();
+                assert!(c.tokens.len() <= cap.budget_tokens(p));
+                let rem = r.remainder.as_ref().unwrap();
+                assert_eq!(
+                    rem.tokens as usize,
+                    p + 1 - cap.static_tokens(p).len() - r.tokens.len()
+                );
+                attended += r.tokens.len();
+                capped += full.tokens.len();
+            }
+        }
+    }
+    println!("target 0.5: {attended} tokens attended, {capped} under the cap alone");
+    assert!(
+        capped > 0 && attended < capped / 2,
+        "{attended} vs {capped}"
+    );
+    // A target outside (0, 1] is a typed error.
+    for t in [0.0f32, 1.5, f32::NAN] {
+        let bad = SearchParams {
+            target_mass: Some(t),
+            ..Default::default()
+        };
+        let p = dump.query_positions[0];
+        let e = index
+            .search(0, 0, dump.queries.row(0, 0, 0), p, &bad)
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                IndexError::Param {
+                    name: "target_mass",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+    let e = index
+        .search_with_static(
+            0,
+            0,
+            dump.queries.row(0, 0, 0),
+            dump.query_positions[0],
+            &easy,
+            Some(f32::NAN),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("static log-sum-exp"), "{e}");
 }

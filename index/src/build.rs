@@ -15,7 +15,7 @@ use strata_storage::kvdump::KvDump;
 use strata_storage::segment::SegmentWriter;
 
 use crate::codes::{ScalarQuantizer, CODE_BLOCK};
-use crate::kmeans::{balanced_kmeans, KMeansConfig};
+use crate::kmeans::{balanced_kmeans, hierarchical_kmeans, Hierarchy, KMeansConfig};
 use crate::linalg::norm_sq;
 use crate::manifest::{
     self, HeadManifest, ListLoc, Manifest, SourceInfo, INDEX_FILE, LIST_HEADER_BYTES, LIST_MAGIC,
@@ -59,8 +59,15 @@ fn build_head(
         balance_penalty: params.balance_penalty,
         capacity: ((params.list_size as f32) * params.max_list_factor).ceil() as usize,
     };
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let km = balanced_kmeans(keys, dim, k, &cfg, &mut rng);
+    let (km, hierarchy) = if k > params.hierarchy_threshold as usize {
+        hierarchical_kmeans(keys, dim, k, &cfg, params.lists_per_group as usize, seed)
+    } else {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (
+            balanced_kmeans(keys, dim, k, &cfg, &mut rng),
+            Hierarchy::default(),
+        )
+    };
     let k = km.k;
 
     let mut primary: Vec<Vec<u32>> = vec![Vec::new(); k];
@@ -102,31 +109,6 @@ fn build_head(
         }
     }
 
-    // Second level over the centroids when there are many lists.
-    let (group_centroids, group_lists, group_start) = if k > params.hierarchy_threshold as usize {
-        let g = k.div_ceil(params.lists_per_group as usize);
-        let gcfg = KMeansConfig {
-            iters: params.kmeans_iters,
-            train_points: k,
-            balance_penalty: params.balance_penalty,
-            capacity: 2 * params.lists_per_group as usize,
-        };
-        let gk = balanced_kmeans(&km.centroids, dim, g, &gcfg, &mut rng);
-        let mut by_group: Vec<Vec<u32>> = vec![Vec::new(); gk.k];
-        for (j, &a) in gk.assign.iter().enumerate() {
-            by_group[a as usize].push(j as u32);
-        }
-        let mut start = vec![0u32];
-        let mut order = Vec::with_capacity(k);
-        for grp in by_group {
-            order.extend(grp);
-            start.push(order.len() as u32);
-        }
-        (gk.centroids, order, start)
-    } else {
-        (Vec::new(), Vec::new(), Vec::new())
-    };
-
     let sq = ScalarQuantizer::fit(keys, dim, params.code_bits);
     let mut codes = Vec::with_capacity(n * sq.code_bytes() * 5 / 4);
     let mut code_block_start = vec![0u32];
@@ -167,9 +149,9 @@ fn build_head(
             value_sums,
             max_key_norm,
             radius,
-            group_centroids,
-            group_lists,
-            group_start,
+            group_centroids: hierarchy.group_centroids,
+            group_lists: hierarchy.group_lists,
+            group_start: hierarchy.group_start,
             primary_tokens,
             primary_start,
             code_bits: params.code_bits,
@@ -226,6 +208,88 @@ fn temp_dir_for(out: &Path) -> IndexResult<PathBuf> {
     Ok(parent.join(format!(".{name}.building-{}", std::process::id())))
 }
 
+/// Keys and values of one (layer, KV head): `tokens × dim` each, row-major.
+#[derive(Clone, Copy)]
+pub struct HeadArrays<'a> {
+    pub keys: &'a [f32],
+    pub values: &'a [f32],
+}
+
+/// What an index is built from: the description of the context and, layer-major, the arrays
+/// of every (layer, KV head). A kvdump file is one source; an engine session is another.
+pub struct BuildInput<'a> {
+    pub source: SourceInfo,
+    pub heads: Vec<HeadArrays<'a>>,
+}
+
+impl<'a> BuildInput<'a> {
+    pub fn from_dump(dump: &'a KvDump) -> Self {
+        let meta = &dump.meta;
+        let mut heads = Vec::new();
+        for l in 0..dump.num_layers() {
+            for h in 0..meta.kv_heads {
+                heads.push(HeadArrays {
+                    keys: dump.keys.slice2(l, h),
+                    values: dump.values.slice2(l, h),
+                });
+            }
+        }
+        BuildInput {
+            source: SourceInfo {
+                dump_path: dump.path.display().to_string(),
+                model: meta.model.clone(),
+                model_type: meta.model_type.clone(),
+                layers: meta.layers.iter().map(|&l| l as u32).collect(),
+                q_heads: meta.q_heads as u32,
+                kv_heads: meta.kv_heads as u32,
+                head_dim: meta.head_dim as u32,
+                tokens: meta.tokens as u32,
+                softmax_scale: meta.softmax_scale.clone(),
+                content_hash: dump.content_hash(),
+            },
+            heads,
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let s = &self.source;
+        let (layers, kv, dim, tokens) = (
+            s.layers.len(),
+            s.kv_heads as usize,
+            s.head_dim as usize,
+            s.tokens as usize,
+        );
+        if self.heads.len() != layers * kv {
+            return Err(format!(
+                "{} head arrays for {layers} layers x {kv} kv heads",
+                self.heads.len()
+            ));
+        }
+        if s.softmax_scale.len() != layers {
+            return Err(format!(
+                "{} softmax scales for {layers} layers",
+                s.softmax_scale.len()
+            ));
+        }
+        if dim == 0 || tokens == 0 {
+            return Err("empty context or zero head dim".into());
+        }
+        for (i, h) in self.heads.iter().enumerate() {
+            if h.keys.len() != tokens * dim || h.values.len() != tokens * dim {
+                return Err(format!(
+                    "head {i}: {} key and {} value floats, expected {tokens} x {dim}",
+                    h.keys.len(),
+                    h.values.len()
+                ));
+            }
+            if let Some(j) = h.keys.iter().chain(h.values).position(|v| !v.is_finite()) {
+                return Err(format!("head {i}: non-finite value at float {j}"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Builds the index of every (layer, KV head) of `dump` into the folder `out`.
 /// `force` replaces an existing index there; otherwise an existing `out` is an error.
 pub fn build_index(
@@ -235,7 +299,22 @@ pub fn build_index(
     force: bool,
     progress: BuildProgress,
 ) -> IndexResult<BuildReport> {
+    build_index_from(&BuildInput::from_dump(dump), params, out, force, progress)
+}
+
+/// Builds an index from arrays (see [`BuildInput`]) into the folder `out`.
+pub fn build_index_from(
+    input: &BuildInput,
+    params: &BuildParams,
+    out: &Path,
+    force: bool,
+    progress: BuildProgress,
+) -> IndexResult<BuildReport> {
     params.validate()?;
+    input.check().map_err(|problem| IndexError::Build {
+        path: out.to_path_buf(),
+        problem,
+    })?;
     let started = Instant::now();
     if out.exists() && !force {
         return Err(IndexError::Build {
@@ -252,7 +331,7 @@ pub fn build_index(
         std::fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
-    let result = build_into(dump, params, &tmp, progress, started);
+    let result = build_into(input, params, &tmp, progress, started);
     let report = match result {
         Ok(r) => r,
         Err(e) => {
@@ -275,23 +354,28 @@ pub fn build_index(
 }
 
 fn build_into(
-    dump: &KvDump,
+    input: &BuildInput,
     params: &BuildParams,
     dir: &Path,
     progress: BuildProgress,
     started: Instant,
 ) -> IndexResult<BuildReport> {
-    let meta = &dump.meta;
-    let (layers, kv_heads, dim) = (dump.num_layers(), meta.kv_heads, meta.head_dim);
+    let src = &input.source;
+    let (layers, kv_heads, dim) = (
+        src.layers.len(),
+        src.kv_heads as usize,
+        src.head_dim as usize,
+    );
     let total = layers * kv_heads;
     let done = AtomicUsize::new(0);
     let mut heads: Vec<HeadBuild> = (0..total)
         .into_par_iter()
         .map(|i| {
             let (l, h) = (i / kv_heads, i % kv_heads);
+            let arrays = input.heads[i];
             let mut hb = build_head(
-                dump.keys.slice2(l, h),
-                dump.values.slice2(l, h),
+                arrays.keys,
+                arrays.values,
                 dim,
                 params,
                 params.seed ^ ((i as u64 + 1) * 0x9E37_79B9_7F4A_7C15),
@@ -308,14 +392,14 @@ fn build_into(
     let mut segment_bytes = 0u64;
     let mut blob = Vec::new();
     for l in 0..layers {
-        let name = format!("layer-{:03}.seg", meta.layers[l]);
+        let name = format!("layer-{:03}.seg", src.layers[l]);
         let mut writer = SegmentWriter::create(&dir.join(&name))?;
         for hb in heads
             .iter_mut()
             .filter(|hb| hb.manifest.layer_slot == l as u32)
         {
-            let h = hb.manifest.kv_head as usize;
-            let (keys, values) = (dump.keys.slice2(l, h), dump.values.slice2(l, h));
+            let arrays = input.heads[l * kv_heads + hb.manifest.kv_head as usize];
+            let (keys, values) = (arrays.keys, arrays.values);
             for (j, members) in hb.members.iter().enumerate() {
                 encode_list(j as u32, members, keys, values, dim, &mut blob);
                 let loc = writer.append(&blob)?;
@@ -336,18 +420,7 @@ fn build_into(
     let replicas = heads.iter().map(|h| h.manifest.replicas).sum();
     let manifest = Manifest {
         build: params.clone(),
-        source: SourceInfo {
-            dump_path: dump.path.display().to_string(),
-            model: meta.model.clone(),
-            model_type: meta.model_type.clone(),
-            layers: meta.layers.iter().map(|&l| l as u32).collect(),
-            q_heads: meta.q_heads as u32,
-            kv_heads: kv_heads as u32,
-            head_dim: dim as u32,
-            tokens: meta.tokens as u32,
-            softmax_scale: meta.softmax_scale.clone(),
-            content_hash: dump.content_hash(),
-        },
+        source: src.clone(),
         segments,
         heads: heads.into_iter().map(|h| h.manifest).collect(),
         build_seconds: started.elapsed().as_secs_f64(),

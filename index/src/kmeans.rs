@@ -285,6 +285,110 @@ impl KMeansOutput {
     }
 }
 
+/// Second level of a hierarchical clustering: groups of lists with their centroids.
+#[derive(Clone, Debug, Default)]
+pub struct Hierarchy {
+    pub group_centroids: Vec<f32>,
+    /// List ids ordered by group, and `groups + 1` offsets into that order.
+    pub group_lists: Vec<u32>,
+    pub group_start: Vec<u32>,
+}
+
+/// Two-level balanced k-means for many lists: `ceil(k / lists_per_group)` groups first, then
+/// each group's points into lists of about `n / k` members. Cost is
+/// `O(n · d · (groups + lists_per_group))` per iteration instead of `O(n · d · k)`, which is what
+/// makes contexts of 128K-1M keys buildable. Replica candidates stay within a point's group.
+pub fn hierarchical_kmeans(
+    points: &[f32],
+    dim: usize,
+    k: usize,
+    cfg: &KMeansConfig,
+    lists_per_group: usize,
+    seed: u64,
+) -> (KMeansOutput, Hierarchy) {
+    use rand::SeedableRng;
+    let n = points.len() / dim;
+    let k = k.clamp(1, n.max(1));
+    let groups = k.div_ceil(lists_per_group.max(2)).max(1);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let top_cfg = KMeansConfig {
+        iters: cfg.iters,
+        train_points: cfg.train_points.min(groups * 256).max(groups),
+        balance_penalty: cfg.balance_penalty,
+        capacity: (n.div_ceil(groups) * 3).div_ceil(2),
+    };
+    let top = balanced_kmeans(points, dim, groups, &top_cfg, &mut rng);
+    let mut members: Vec<Vec<usize>> = vec![Vec::new(); top.k];
+    for (i, &g) in top.assign.iter().enumerate() {
+        members[g as usize].push(i);
+    }
+    let per_list = n as f64 / k as f64;
+    let subs: Vec<KMeansOutput> = members
+        .par_iter()
+        .enumerate()
+        .map(|(g, idx)| {
+            let sub_points: Vec<f32> = idx
+                .iter()
+                .flat_map(|&i| points[i * dim..(i + 1) * dim].iter().copied())
+                .collect();
+            let kg = ((idx.len() as f64 / per_list).round() as usize).max(1);
+            let sub_cfg = KMeansConfig {
+                train_points: cfg.train_points.min(idx.len()),
+                ..cfg.clone()
+            };
+            let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ ((g as u64 + 1) << 20));
+            balanced_kmeans(&sub_points, dim, kg, &sub_cfg, &mut r)
+        })
+        .collect();
+
+    let m = CANDIDATES_PER_POINT;
+    let mut centroids = Vec::new();
+    let mut assign = vec![0u32; n];
+    let mut candidates = vec![0u32; n * m];
+    let mut candidate_d2 = vec![f32::INFINITY; n * m];
+    let mut hierarchy = Hierarchy {
+        group_centroids: Vec::new(),
+        group_lists: Vec::new(),
+        group_start: vec![0],
+    };
+    let mut offset = 0u32;
+    for (g, (idx, sub)) in members.iter().zip(&subs).enumerate() {
+        if idx.is_empty() {
+            continue;
+        }
+        let sm = sub.m();
+        for (local, &i) in idx.iter().enumerate() {
+            assign[i] = offset + sub.assign[local];
+            for r in 0..m {
+                if r < sm {
+                    candidates[i * m + r] = offset + sub.candidates[local * sm + r];
+                    candidate_d2[i * m + r] = sub.candidate_d2[local * sm + r];
+                } else {
+                    candidates[i * m + r] = assign[i];
+                }
+            }
+        }
+        centroids.extend_from_slice(&sub.centroids);
+        hierarchy
+            .group_centroids
+            .extend_from_slice(&top.centroids[g * dim..(g + 1) * dim]);
+        hierarchy.group_lists.extend(offset..offset + sub.k as u32);
+        offset += sub.k as u32;
+        hierarchy.group_start.push(offset);
+    }
+    (
+        KMeansOutput {
+            dim,
+            k: offset as usize,
+            centroids,
+            assign,
+            candidates,
+            candidate_d2,
+        },
+        hierarchy,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,6 +447,37 @@ mod tests {
         }
         assert!(sizes.iter().all(|&s| s <= 30), "{sizes:?}");
         assert_eq!(sizes.iter().sum::<usize>(), 100);
+    }
+
+    #[test]
+    fn hierarchical_covers_every_point_once_with_consistent_groups() {
+        let centers: Vec<[f32; 2]> = (0..16)
+            .map(|i| [(i % 4) as f32 * 5.0, (i / 4) as f32 * 5.0])
+            .collect();
+        let pts = blobs(40, &centers);
+        let cfg = KMeansConfig {
+            iters: 6,
+            train_points: 640,
+            balance_penalty: 0.5,
+            capacity: 20,
+        };
+        let (out, h) = hierarchical_kmeans(&pts, 2, 40, &cfg, 8, 11);
+        assert_eq!(out.assign.len(), 640);
+        assert!(out.assign.iter().all(|&a| (a as usize) < out.k));
+        let mut sizes = vec![0; out.k];
+        for &a in &out.assign {
+            sizes[a as usize] += 1;
+        }
+        assert!(sizes.iter().all(|&s| s > 0 && s <= 20), "{sizes:?}");
+        // Groups partition the lists.
+        let mut seen = h.group_lists.clone();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..out.k as u32).collect::<Vec<_>>());
+        assert_eq!(*h.group_start.last().unwrap() as usize, out.k);
+        assert_eq!(h.group_centroids.len(), (h.group_start.len() - 1) * 2);
+        for i in 0..640 {
+            assert_eq!(out.replica_lists(i, 1, 0.0), vec![out.assign[i]]);
+        }
     }
 
     #[test]

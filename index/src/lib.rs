@@ -8,13 +8,16 @@ pub mod kmeans;
 pub mod linalg;
 pub mod manifest;
 pub mod params;
+pub mod rows;
 pub mod search;
 
 use std::path::PathBuf;
 
-pub use build::{build_index, BuildProgress, BuildReport};
+pub use build::{
+    build_index, build_index_from, BuildInput, BuildProgress, BuildReport, HeadArrays,
+};
 pub use params::{BuildParams, SearchParams};
-pub use search::{Index, Retrieved, SearchStats};
+pub use search::{Index, Remainder, Retrieved, SearchStats};
 
 /// Errors of index build and search; each names the file, parameter or query it is about.
 #[derive(Debug, thiserror::Error)]

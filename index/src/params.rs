@@ -77,6 +77,42 @@ pub struct SearchParams {
     pub rerank_factor: f32,
     /// Byte budget of the RAM tier in front of the segment files.
     pub ram_cache_bytes: u64,
+    /// Adaptive budget: when set (in (0, 1]), attend the exactly scored candidates in descending
+    /// score only until the *estimated* covered mass (static tokens included) reaches this
+    /// target, never more than `budget` allows. None: always attend the full budget.
+    #[serde(default)]
+    pub target_mass: Option<f32>,
+    /// Return an estimate of attention over the visible, non-static tokens not attended exactly
+    /// (RetroInfer's idea), from per-list centroids, sizes and value sums, for the caller to
+    /// merge by log-sum-exp with the exact part.
+    #[serde(default = "default_true")]
+    pub estimate_remainder: bool,
+    /// Probed tokens not attended are estimated with the logit of their in-RAM key code (already
+    /// scored) instead of their list's centroid. Values are always the list's mean value.
+    #[serde(default = "default_true")]
+    pub remainder_code_logits: bool,
+    /// Variance correction of a centroid-estimated logit: `+ ½·s²·|q|²·σ²` with the per-dimension
+    /// variance `σ² = remainder_variance · radius² / dim` (radius: largest member distance from
+    /// the centroid). 0 turns it off.
+    #[serde(default)]
+    pub remainder_variance: f32,
+    /// Correction of a code-estimated logit for the quantisation noise of the codes:
+    /// `− remainder_code_noise · ½·s²·Σ_d q_d²·step_d²/12` (1 = the full expected bias).
+    #[serde(default)]
+    pub remainder_code_noise: f32,
+    /// Lists holding less than this share of the estimated remainder weight (smallest first) are
+    /// not read for value sums; their weight stays in the estimate's log-sum-exp and takes the
+    /// mean value of the lists that are read.
+    #[serde(default = "default_remainder_list_epsilon")]
+    pub remainder_list_epsilon: f32,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_remainder_list_epsilon() -> f32 {
+    SearchParams::default().remainder_list_epsilon
 }
 
 impl Default for SearchParams {
@@ -88,6 +124,12 @@ impl Default for SearchParams {
             probe_fraction: 0.25,
             rerank_factor: 2.0,
             ram_cache_bytes: 256 << 20,
+            target_mass: None,
+            estimate_remainder: true,
+            remainder_code_logits: true,
+            remainder_variance: 0.0,
+            remainder_code_noise: 0.0,
+            remainder_list_epsilon: 0.01,
         }
     }
 }
@@ -110,6 +152,33 @@ impl SearchParams {
             return Err(IndexError::Param {
                 name: "rerank_factor",
                 problem: format!("{} must be >= 1", self.rerank_factor),
+            });
+        }
+        if let Some(t) = self.target_mass {
+            if !(t > 0.0 && t <= 1.0) {
+                return Err(IndexError::Param {
+                    name: "target_mass",
+                    problem: format!("{t} is outside (0, 1]"),
+                });
+            }
+        }
+        let unit = |v: f32| v.is_finite() && (0.0..=1.0).contains(&v);
+        if !(self.remainder_variance.is_finite() && self.remainder_variance >= 0.0) {
+            return Err(IndexError::Param {
+                name: "remainder_variance",
+                problem: format!("{} must be finite and >= 0", self.remainder_variance),
+            });
+        }
+        if !(self.remainder_code_noise.is_finite() && self.remainder_code_noise >= 0.0) {
+            return Err(IndexError::Param {
+                name: "remainder_code_noise",
+                problem: format!("{} must be finite and >= 0", self.remainder_code_noise),
+            });
+        }
+        if !unit(self.remainder_list_epsilon) || self.remainder_list_epsilon >= 1.0 {
+            return Err(IndexError::Param {
+                name: "remainder_list_epsilon",
+                problem: format!("{} is outside [0, 1)", self.remainder_list_epsilon),
             });
         }
         Ok(())

@@ -44,6 +44,10 @@ pub struct SearchStats {
     pub list_bytes: u64,
     pub code_bytes: u64,
     pub centroid_bytes: u64,
+    /// Bytes the remainder estimate read beyond the centroids and codes: list value sums and
+    /// radii, member offsets for counting, and (without a caller's static log-sum-exp) the
+    /// static tokens' codes.
+    pub estimate_bytes: u64,
     pub search_ns: u64,
     pub io_ns: u64,
 }
@@ -57,15 +61,38 @@ pub struct Retrieved {
     pub scores: Vec<f32>,
     /// Values of the tokens (`tokens × dim`), when the method read them itself.
     pub values: Option<Vec<f32>>,
+    /// Estimated attention over the visible, non-static tokens not attended exactly (None when
+    /// the method does not estimate); merge it with the exact part by log-sum-exp.
+    pub remainder: Option<Remainder>,
     pub stats: SearchStats,
 }
+
+/// Estimated attention over the tokens a search did not attend exactly, in the convention of
+/// `strata_engine::attention::Attended`: `lse` is the natural log of the estimated
+/// Σ exp(scale·q·k) over those tokens and `output` their estimated softmax-weighted mean value.
+/// When nothing remains, `tokens` is 0, `lse` is -inf and `output` zeros: neutral in a merge.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Remainder {
+    pub output: Vec<f32>,
+    pub lse: f32,
+    /// Tokens the estimate stands for.
+    pub tokens: u64,
+}
+
+/// Source of the RAM-tier file ids of opened segments.
+static NEXT_CACHE_FILE_ID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// An index opened for search: the mapped manifest, the segment files and the RAM tier.
 pub struct Index {
     dir: PathBuf,
     manifest: MappedManifest,
     segments: Vec<SegmentFile>,
+    /// RAM-tier file id of each segment: unique in the process, since indexes share the tier.
+    cache_ids: Vec<u32>,
     cache: Arc<RamCache>,
+    /// Per head: every list's primary members are in ascending token order (as `build` writes
+    /// them), so the remainder estimate counts a list's members in a range by binary search.
+    sorted_lists: Vec<bool>,
 }
 
 impl Index {
@@ -92,16 +119,40 @@ impl Index {
                 problem: format!("head {i}: {problem}"),
             })?;
         }
+        let sorted_lists = manifest
+            .get()
+            .heads
+            .iter()
+            .map(|h| {
+                let members = u32s(&h.primary_tokens);
+                u32s(&h.primary_start).windows(2).all(|w| {
+                    members[w[0] as usize..w[1] as usize]
+                        .windows(2)
+                        .all(|p| p[0] < p[1])
+                })
+            })
+            .collect();
         Ok(Index {
             dir: dir.to_path_buf(),
             manifest,
+            cache_ids: segments
+                .iter()
+                .map(|_| NEXT_CACHE_FILE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+                .collect(),
             segments,
             cache,
+            sorted_lists,
         })
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Bytes of the memory-mapped manifest (centroids, statistics, codes): the RAM an open
+    /// index holds outside the RAM tier.
+    pub fn mapped_bytes(&self) -> usize {
+        self.manifest.mapped_bytes()
     }
 
     pub fn manifest(&self) -> &ArchivedManifest {
@@ -152,6 +203,10 @@ impl Index {
     }
 
     /// Searches one query vector of (layer slot, KV head) at `position`.
+    ///
+    /// With `target_mass` set, the covered mass of the static tokens is estimated from their key
+    /// codes; a caller that attends the static tokens itself should pass their exact log-sum-exp
+    /// through [`Index::search_with_static`] instead.
     pub fn search(
         &self,
         layer_slot: usize,
@@ -159,6 +214,21 @@ impl Index {
         q: &[f32],
         position: usize,
         params: &SearchParams,
+    ) -> IndexResult<Retrieved> {
+        self.search_with_static(layer_slot, kv_head, q, position, params, None)
+    }
+
+    /// [`Index::search`], given the caller's exact log-sum-exp (natural log of Σ exp(s·q·k)) over
+    /// the static tokens, which the adaptive budget (`target_mass`) counts as covered mass.
+    /// `None` estimates it from the static tokens' key codes. `-inf` means no static tokens.
+    pub fn search_with_static(
+        &self,
+        layer_slot: usize,
+        kv_head: usize,
+        q: &[f32],
+        position: usize,
+        params: &SearchParams,
+        static_lse: Option<f32>,
     ) -> IndexResult<Retrieved> {
         let started = Instant::now();
         let head = self.head(layer_slot, kv_head)?;
@@ -182,10 +252,24 @@ impl Index {
                 "position is past the {tokens} indexed tokens"
             )));
         }
+        if let Some(s) = static_lse {
+            if s.is_nan() || s == f32::INFINITY {
+                return Err(qerr(format!("static log-sum-exp is {s}")));
+            }
+        }
+        let scale = match self.manifest().source.softmax_scale.get(layer_slot) {
+            Some(s) if s.to_native().is_finite() => s.to_native(),
+            _ => {
+                return Err(qerr(
+                    "the index has no finite softmax scale for this layer".into(),
+                ))
+            }
+        };
         let visible = position + 1;
         let budget = params.budget_tokens(position);
+        let estimate = params.estimate_remainder || params.target_mass.is_some();
         let mut stats = SearchStats::default();
-        if budget == 0 {
+        if budget == 0 && !estimate {
             stats.search_ns = started.elapsed().as_nanos() as u64;
             return Ok(Retrieved {
                 stats,
@@ -199,6 +283,9 @@ impl Index {
         let n_lists = head.lists.len();
         let primary_start = u32s(&head.primary_start);
         let primary_tokens = u32s(&head.primary_tokens);
+        // Lists outside the expanded groups of a hierarchical head: their group's score stands
+        // in for their centroid's in the remainder estimate.
+        let mut group_logit: Vec<(u32, f32)> = Vec::new();
         let candidate_lists: Vec<u32> = if head.group_centroids.is_empty() {
             (0..n_lists as u32).collect()
         } else {
@@ -213,13 +300,23 @@ impl Index {
             let target = 2.0 * params.probe_fraction as f64 * visible as f64;
             let mut out = Vec::new();
             let mut covered = 0usize;
-            for g in order {
+            let mut expanded = 0;
+            for &g in &order {
+                if covered as f64 >= target {
+                    break;
+                }
                 for &l in &glists[gstart[g as usize] as usize..gstart[g as usize + 1] as usize] {
                     covered += (primary_start[l as usize + 1] - primary_start[l as usize]) as usize;
                     out.push(l);
                 }
-                if covered as f64 >= target {
-                    break;
+                expanded += 1;
+            }
+            if estimate {
+                for &g in &order[expanded..] {
+                    for &l in &glists[gstart[g as usize] as usize..gstart[g as usize + 1] as usize]
+                    {
+                        group_logit.push((l, gscores[g as usize]));
+                    }
                 }
             }
             out
@@ -247,6 +344,7 @@ impl Index {
         let block_start = u32s(&head.code_block_start);
         let probe_target = (params.probe_fraction as f64 * visible as f64).ceil() as usize;
         let mut probed = 0usize;
+        let mut probed_lists = 0usize;
         let mut cand_tokens: Vec<u32> = Vec::with_capacity(probe_target + 64);
         let mut cand_lists: Vec<u32> = Vec::with_capacity(probe_target + 64);
         let mut cand_scores: Vec<f32> = Vec::with_capacity(probe_target + 64);
@@ -255,6 +353,7 @@ impl Index {
             if probed >= probe_target {
                 break;
             }
+            probed_lists += 1;
             let members = &primary_tokens
                 [primary_start[l as usize] as usize..primary_start[l as usize + 1] as usize];
             let first_block = block_start[l as usize] as usize;
@@ -287,12 +386,14 @@ impl Index {
         stats.io_ns = io_started.elapsed().as_nanos() as u64;
         // Only the candidates are scored exactly: the codes already ranked every probed member,
         // and re-scoring whole lists would cost full-key work for tokens the codes ruled out.
-        let mut wanted = vec![false; visible];
+        // `wanted[t]` is 1 + the candidate index of token t, 0 when t is not a candidate.
+        let mut wanted = vec![0u32; visible];
         for &i in &best {
-            wanted[cand_tokens[i as usize] as usize] = true;
+            wanted[cand_tokens[i as usize] as usize] = i + 1;
         }
         let mut ex_tokens: Vec<u32> = Vec::new();
         let mut ex_scores: Vec<f32> = Vec::new();
+        let mut ex_cand: Vec<u32> = Vec::new();
         let mut ex_rows: Vec<(u32, u32)> = Vec::new();
         let mut views = Vec::with_capacity(bufs.len());
         let mut key = Vec::with_capacity(dim);
@@ -306,10 +407,11 @@ impl Index {
             for r in 0..list.len() {
                 let t = list.id(r);
                 let tu = t as usize;
-                if tu > position || !wanted[tu] {
+                if tu > position || wanted[tu] == 0 {
                     continue;
                 }
-                wanted[tu] = false;
+                ex_cand.push(wanted[tu] - 1);
+                wanted[tu] = 0;
                 key.clear();
                 f16_bytes_to_f32(list.key_bytes(r), &mut key);
                 ex_tokens.push(t);
@@ -319,7 +421,78 @@ impl Index {
             views.push(list);
         }
         stats.keys_scored = ex_tokens.len() as u64;
-        let top = top_k_indices(&ex_scores, budget);
+        // The best `budget` exactly scored tokens, best first.
+        let mut top = top_k_indices(&ex_scores, budget);
+        top.sort_unstable_by(|&a, &b| {
+            ex_scores[b as usize]
+                .total_cmp(&ex_scores[a as usize])
+                .then(a.cmp(&b))
+        });
+
+        // 4. Remainder estimate and adaptive budget.
+        let mut remainder = None;
+        if estimate {
+            let ctx = EstimateContext {
+                head,
+                q,
+                scale,
+                position,
+                params,
+                sorted: self
+                    .sorted_lists
+                    .get(layer_slot * self.kv_heads() + kv_head)
+                    == Some(&true),
+            };
+            let mut est = RemainderEstimator::default();
+            let mut in_exact = vec![false; cand_tokens.len()];
+            for &c in &ex_cand {
+                in_exact[c as usize] = true;
+            }
+            est.add_not_scored_exactly(
+                &ctx,
+                &sq,
+                &lscores,
+                probed_lists,
+                &group_logit,
+                (&cand_lists, &cand_scores),
+                &in_exact,
+                &mut stats,
+            );
+            // Exactly scored tokens outside the top `budget`: exact logits.
+            let mut in_top = vec![false; ex_tokens.len()];
+            for &i in &top {
+                in_top[i as usize] = true;
+            }
+            for (i, &c) in ex_cand.iter().enumerate() {
+                if !in_top[i] {
+                    est.add_logit(cand_lists[c as usize], scale * ex_scores[i], 1.0);
+                }
+            }
+            let mut attend = top.len();
+            if let Some(target) = params.target_mass {
+                let s_lse = match static_lse {
+                    Some(s) => s,
+                    None => ctx.static_lse_from_codes(&sq, &mut stats),
+                };
+                attend = adaptive_count(
+                    target as f64,
+                    s_lse,
+                    top.iter().map(|&i| scale * ex_scores[i as usize]),
+                    est.lse(),
+                );
+            }
+            // Exactly scored tokens beyond what is attended join the remainder with their exact
+            // logits (their keys were read; their values are not used).
+            for &i in &top[attend..] {
+                let c = ex_cand[i as usize] as usize;
+                est.add_logit(cand_lists[c], scale * ex_scores[i as usize], 1.0);
+            }
+            top.truncate(attend);
+            if params.estimate_remainder {
+                remainder = Some(est.finish(&ctx, &mut stats));
+            }
+        }
+
         let mut values = Vec::with_capacity(top.len() * dim);
         for &i in &top {
             let (bi, r) = ex_rows[i as usize];
@@ -329,10 +502,15 @@ impl Index {
             tokens: top.iter().map(|&i| ex_tokens[i as usize]).collect(),
             scores: top.iter().map(|&i| ex_scores[i as usize]).collect(),
             values: Some(values),
+            remainder,
             stats,
         };
         out.stats.search_ns = started.elapsed().as_nanos() as u64;
         Ok(out)
+    }
+
+    fn kv_heads(&self) -> usize {
+        self.manifest().source.kv_heads.to_native() as usize
     }
 
     /// Lists `ids` of `head`, from the RAM tier where present, the rest in one batched read.
@@ -342,8 +520,8 @@ impl Index {
         ids: &[u32],
         stats: &mut SearchStats,
     ) -> IndexResult<Vec<Arc<AlignedBuf>>> {
-        let seg_id = head.segment.to_native();
-        let seg = &self.segments[seg_id as usize];
+        let seg = &self.segments[head.segment.to_native() as usize];
+        let seg_id = self.cache_ids[head.segment.to_native() as usize];
         let mut out: Vec<Option<Arc<AlignedBuf>>> = Vec::with_capacity(ids.len());
         let mut missing = Vec::new();
         let mut locs = Vec::new();
@@ -390,6 +568,342 @@ impl Index {
         }
         Ok(out.into_iter().flatten().collect())
     }
+}
+
+/// What the remainder estimate needs to know about one search.
+struct EstimateContext<'a> {
+    head: &'a ArchivedHeadManifest,
+    q: &'a [f32],
+    scale: f32,
+    position: usize,
+    params: &'a SearchParams,
+    /// The head's lists hold their primary members in ascending order.
+    sorted: bool,
+}
+
+/// Where a list's visible members stand, as index ranges into its primary members: `[0, a)` are
+/// sinks, `[a, b)` are visible and non-static, `[b, c)` are in the recent window.
+struct MemberRanges {
+    a: usize,
+    b: usize,
+    c: usize,
+}
+
+impl EstimateContext<'_> {
+    fn members(&self, l: usize) -> &[u32] {
+        let start = u32s(&self.head.primary_start);
+        &u32s(&self.head.primary_tokens)[start[l] as usize..start[l + 1] as usize]
+    }
+
+    /// Ranges of list `l`'s members (sorted lists only), and the bytes the binary searches read.
+    fn ranges(&self, members: &[u32]) -> (MemberRanges, u64) {
+        let visible = self.position + 1;
+        let sink_end = (self.params.sink_tokens as usize).min(visible);
+        let recent_start = sink_end.max(visible.saturating_sub(self.params.recent_tokens as usize));
+        let before = |x: usize| members.partition_point(|&t| (t as usize) < x);
+        let probes = 3 * (usize::BITS - members.len().leading_zeros()) as u64;
+        (
+            MemberRanges {
+                a: before(sink_end),
+                b: before(recent_start),
+                c: before(visible),
+            },
+            8 + 4 * probes,
+        )
+    }
+
+    /// Visible, non-static members of list `l`.
+    fn open_members(&self, l: usize, stats: &mut SearchStats) -> usize {
+        let members = self.members(l);
+        if self.sorted {
+            let (r, bytes) = self.ranges(members);
+            stats.estimate_bytes += bytes;
+            r.b - r.a
+        } else {
+            stats.estimate_bytes += 4 * members.len() as u64;
+            members
+                .iter()
+                .filter(|&&t| {
+                    (t as usize) <= self.position
+                        && !self.params.is_static(t as usize, self.position)
+                })
+                .count()
+        }
+    }
+
+    /// `½·s²·|q|²·σ²` for list `l`, with `σ² = remainder_variance · radius² / dim`.
+    fn variance_correction(&self, l: usize, q_norm_sq: f32, stats: &mut SearchStats) -> f32 {
+        let gamma = self.params.remainder_variance;
+        if gamma == 0.0 {
+            return 0.0;
+        }
+        stats.estimate_bytes += 4;
+        let r = f32s(&self.head.radius)[l];
+        let dim = self.q.len() as f32;
+        0.5 * self.scale * self.scale * q_norm_sq * gamma * r * r / dim
+    }
+
+    /// Log-sum-exp of the static tokens' logits, estimated from their key codes.
+    fn static_lse_from_codes(&self, sq: &ScalarQuantizer, stats: &mut SearchStats) -> f32 {
+        let cq = sq.query(self.q);
+        let block_bytes = sq.block_bytes();
+        let codes = self.head.codes.as_slice();
+        let block_start = u32s(&self.head.code_block_start);
+        let mut logits = Vec::new();
+        let mut lanes = [0f32; CODE_BLOCK];
+        for l in 0..self.head.lists.len() {
+            let members = self.members(l);
+            let idx: Vec<usize> = if self.sorted {
+                let (r, bytes) = self.ranges(members);
+                stats.estimate_bytes += bytes;
+                (0..r.a).chain(r.b..r.c).collect()
+            } else {
+                stats.estimate_bytes += 4 * members.len() as u64;
+                (0..members.len())
+                    .filter(|&i| {
+                        let t = members[i] as usize;
+                        t <= self.position && self.params.is_static(t, self.position)
+                    })
+                    .collect()
+            };
+            let mut scored_block = usize::MAX;
+            for i in idx {
+                let block = block_start[l] as usize + i / CODE_BLOCK;
+                if block != scored_block {
+                    let at = block * block_bytes;
+                    cq.score_block(&codes[at..at + block_bytes], &mut lanes);
+                    stats.estimate_bytes += block_bytes as u64;
+                    scored_block = block;
+                }
+                logits.push(self.scale * lanes[i % CODE_BLOCK]);
+            }
+        }
+        log_sum_exp(logits.iter().map(|&l| (l, 1.0)))
+    }
+}
+
+/// `ln Σ m·exp(l)` over `(l, m)` pairs; -inf when empty.
+fn log_sum_exp(terms: impl Iterator<Item = (f32, f32)> + Clone) -> f32 {
+    let max = terms
+        .clone()
+        .filter(|t| t.1 > 0.0)
+        .map(|t| t.0)
+        .fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return max;
+    }
+    let sum: f64 = terms
+        .map(|(l, m)| m as f64 * ((l - max) as f64).exp())
+        .sum();
+    max + sum.ln() as f32
+}
+
+/// How many of the exactly scored tokens (`logits`, best first) to attend so that the static
+/// tokens plus those reach `target` of the estimated total mass (static + all exactly scored
+/// tokens offered + the estimate of the rest, `rest_lse`). All of them when the target is not
+/// reached.
+pub fn adaptive_count(
+    target: f64,
+    static_lse: f32,
+    logits: impl Iterator<Item = f32> + Clone,
+    rest_lse: f32,
+) -> usize {
+    let n = logits.clone().count();
+    let max = logits
+        .clone()
+        .chain([static_lse, rest_lse])
+        .fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return 0;
+    }
+    let w = |l: f32| ((l - max) as f64).exp();
+    let total = w(static_lse) + logits.clone().map(w).sum::<f64>() + w(rest_lse);
+    let goal = target * total;
+    let mut covered = w(static_lse);
+    if covered >= goal {
+        return 0;
+    }
+    for (i, l) in logits.enumerate() {
+        covered += w(l);
+        if covered >= goal {
+            return i + 1;
+        }
+    }
+    n
+}
+
+/// Terms of the remainder estimate: `(list, logit, tokens)`, each standing for `tokens` tokens
+/// of `list` with that logit (`scale·q·k` or its estimate), valued at the list's mean value.
+#[derive(Default)]
+struct RemainderEstimator {
+    terms: Vec<(u32, f32, f32)>,
+}
+
+impl RemainderEstimator {
+    fn add_logit(&mut self, list: u32, logit: f32, tokens: f32) {
+        if tokens > 0.0 {
+            self.terms.push((list, logit, tokens));
+        }
+    }
+
+    /// Every visible, non-static token the search did not score exactly: probed members by
+    /// their code score (or their list's centroid), unprobed lists by their centroid (or, on a
+    /// hierarchical head, their group's centroid) times their count of such members.
+    #[allow(clippy::too_many_arguments)]
+    fn add_not_scored_exactly(
+        &mut self,
+        ctx: &EstimateContext<'_>,
+        sq: &ScalarQuantizer,
+        lscores: &[(f32, u32)],
+        probed_lists: usize,
+        group_logit: &[(u32, f32)],
+        (cand_lists, cand_scores): (&[u32], &[f32]),
+        in_exact: &[bool],
+        stats: &mut SearchStats,
+    ) {
+        let s = ctx.scale;
+        let p = ctx.params;
+        let q_norm_sq: f32 = ctx.q.iter().map(|x| x * x).sum();
+        let noise = if p.remainder_code_noise > 0.0 {
+            let var: f32 = ctx
+                .q
+                .iter()
+                .zip(&sq.step)
+                .map(|(a, st)| a * a * st * st / 12.0)
+                .sum();
+            p.remainder_code_noise * 0.5 * s * s * var
+        } else {
+            0.0
+        };
+        if p.remainder_code_logits {
+            for ((&l, &score), &done) in cand_lists.iter().zip(cand_scores).zip(in_exact) {
+                if !done {
+                    self.add_logit(l, s * score - noise, 1.0);
+                }
+            }
+        } else {
+            let mut counts: Vec<(u32, u32)> = Vec::new();
+            for (&l, &done) in cand_lists.iter().zip(in_exact) {
+                if done {
+                    continue;
+                }
+                match counts.last_mut() {
+                    Some((last, n)) if *last == l => *n += 1,
+                    _ => counts.push((l, 1)),
+                }
+            }
+            for (l, n) in counts {
+                // Probed lists are the first `probed_lists` of `lscores`; find the score.
+                if let Some(&(c, _)) = lscores[..probed_lists].iter().find(|x| x.1 == l) {
+                    let corr = ctx.variance_correction(l as usize, q_norm_sq, stats);
+                    self.add_logit(l, s * c + corr, n as f32);
+                }
+            }
+        }
+        for &(c, l) in lscores[probed_lists..].iter().chain(
+            group_logit
+                .iter()
+                .map(|(l, c)| (*c, *l))
+                .collect::<Vec<_>>()
+                .iter(),
+        ) {
+            let n = ctx.open_members(l as usize, stats);
+            if n > 0 {
+                let corr = ctx.variance_correction(l as usize, q_norm_sq, stats);
+                self.add_logit(l, s * c + corr, n as f32);
+            }
+        }
+    }
+
+    fn lse(&self) -> f32 {
+        log_sum_exp(self.terms.iter().map(|t| (t.1, t.2)))
+    }
+
+    /// The estimate: per-list weights, the output from the heaviest lists' mean values.
+    fn finish(self, ctx: &EstimateContext<'_>, stats: &mut SearchStats) -> Remainder {
+        let starts = u32s(&ctx.head.primary_start);
+        let (rem, lists_read) = combine_terms(
+            &self.terms,
+            ctx.head.lists.len(),
+            |l| starts[l + 1] - starts[l],
+            f32s(&ctx.head.value_sums),
+            ctx.q.len(),
+            ctx.params.remainder_list_epsilon as f64,
+        );
+        stats.estimate_bytes += (lists_read * ctx.q.len() * 4) as u64;
+        rem
+    }
+}
+
+/// The remainder from its terms `(list, logit, tokens)`: `lse = ln Σ tokens·exp(logit)`; the
+/// output is the weight-averaged mean value (`value_sums[list] / list_size(list)`) of the
+/// heaviest lists that together hold at least `1 − epsilon` of the weight (the others keep their
+/// weight in `lse`). Returns the estimate and how many lists' value sums it read.
+pub fn combine_terms(
+    terms: &[(u32, f32, f32)],
+    n_lists: usize,
+    list_size: impl Fn(usize) -> u32,
+    value_sums: &[f32],
+    dim: usize,
+    epsilon: f64,
+) -> (Remainder, usize) {
+    let neutral = Remainder {
+        output: vec![0.0; dim],
+        lse: f32::NEG_INFINITY,
+        tokens: 0,
+    };
+    let tokens = terms.iter().map(|t| t.2 as f64).sum::<f64>().round() as u64;
+    let lse = log_sum_exp(terms.iter().map(|t| (t.1, t.2)));
+    if !lse.is_finite() || tokens == 0 {
+        return (neutral, 0);
+    }
+    let mut weight: Vec<(f64, u32)> = Vec::new();
+    let mut slot = vec![u32::MAX; n_lists];
+    for &(l, logit, n) in terms {
+        let Some(s) = slot.get_mut(l as usize) else {
+            continue;
+        };
+        if *s == u32::MAX {
+            *s = weight.len() as u32;
+            weight.push((0.0, l));
+        }
+        weight[*s as usize].0 += n as f64 * ((logit - lse) as f64).exp();
+    }
+    weight.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let total: f64 = weight.iter().map(|w| w.0).sum();
+    let keep_until = (1.0 - epsilon) * total;
+    let mut out = vec![0f64; dim];
+    let mut kept = 0f64;
+    let mut read = 0;
+    for &(w, l) in &weight {
+        if kept > 0.0 && kept >= keep_until {
+            break;
+        }
+        let l = l as usize;
+        let n = list_size(l) as f64;
+        let Some(sums) = value_sums.get(l * dim..(l + 1) * dim) else {
+            continue;
+        };
+        if n == 0.0 {
+            continue;
+        }
+        read += 1;
+        for (o, v) in out.iter_mut().zip(sums) {
+            *o += w * *v as f64 / n;
+        }
+        kept += w;
+    }
+    if kept <= 0.0 {
+        return (neutral, read);
+    }
+    (
+        Remainder {
+            output: out.iter().map(|o| (o / kept) as f32).collect(),
+            lse,
+            tokens,
+        },
+        read,
+    )
 }
 
 /// A posting list's parts, borrowed from its buffer.
@@ -535,4 +1049,75 @@ fn check_head(h: &ArchivedHeadManifest, segment_len: u64) -> Result<(), String> 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remainder_by_hand() {
+        // List 0: 4 primary members, value sum (4, 0) -> mean (1, 0).
+        // List 1: 2 primary members, value sum (0, 2) -> mean (0, 1).
+        // Remaining: 3 tokens of list 0 at logit 0 (weight 3), 1 token of list 1 at logit ln 2
+        // (weight 2). lse = ln 5; output = (3·(1,0) + 2·(0,1)) / 5 = (0.6, 0.4).
+        let sizes = [4u32, 2];
+        let sums = [4.0f32, 0.0, 0.0, 2.0];
+        let terms = [(0u32, 0.0f32, 3.0f32), (1, 2f32.ln(), 1.0)];
+        let (r, read) = combine_terms(&terms, 2, |l| sizes[l], &sums, 2, 0.0);
+        assert_eq!(read, 2);
+        assert_eq!(r.tokens, 4);
+        assert!((r.lse - 5f32.ln()).abs() < 1e-6, "{}", r.lse);
+        assert!((r.output[0] - 0.6).abs() < 1e-6 && (r.output[1] - 0.4).abs() < 1e-6);
+        // The same split over two terms of one list changes nothing.
+        let split = [(0u32, 0.0f32, 1.0f32), (0, 0.0, 2.0), (1, 2f32.ln(), 1.0)];
+        let (s, _) = combine_terms(&split, 2, |l| sizes[l], &sums, 2, 0.0);
+        assert!((s.lse - r.lse).abs() < 1e-6 && (s.output[0] - 0.6).abs() < 1e-6);
+        // epsilon 0.5: list 0 alone holds 60% of the weight, so list 1's value sum is not read;
+        // its weight stays in lse, and the output is list 0's mean.
+        let (e, read) = combine_terms(&terms, 2, |l| sizes[l], &sums, 2, 0.5);
+        assert_eq!(read, 1);
+        assert!((e.lse - 5f32.ln()).abs() < 1e-6);
+        assert!((e.output[0] - 1.0).abs() < 1e-6 && e.output[1].abs() < 1e-6);
+        // Nothing remains: neutral (zero output, lse -inf).
+        let (n, read) = combine_terms(&[], 2, |l| sizes[l], &sums, 2, 0.0);
+        assert_eq!(
+            (n.tokens, n.lse, n.output, read),
+            (0, f32::NEG_INFINITY, vec![0.0; 2], 0)
+        );
+        // A term naming a list that does not exist is ignored, not a panic.
+        let (b, _) = combine_terms(&[(7, 0.0, 1.0)], 2, |l| sizes[l], &sums, 2, 0.0);
+        assert_eq!((b.tokens, b.lse), (0, f32::NEG_INFINITY));
+    }
+
+    #[test]
+    fn adaptive_count_by_hand() {
+        // exp-sums: static 2, offered 4, 2, 1, rest 1: total 10.
+        let logits = [4f32.ln(), 2f32.ln(), 0.0];
+        let count = |t: f64| adaptive_count(t, 2f32.ln(), logits.iter().copied(), 0.0);
+        assert_eq!(count(0.19), 0); // static alone: 2 of 10
+        assert_eq!(count(0.5), 1); // 6 of 10
+        assert_eq!(count(0.61), 2);
+        assert_eq!(count(0.8), 2); // 8 of 10
+        assert_eq!(count(0.85), 3); // 9 of 10
+        assert_eq!(count(1.0), 3); // never reached: everything offered
+                                   // No static tokens, nothing else.
+        assert_eq!(
+            adaptive_count(0.9, f32::NEG_INFINITY, [].into_iter(), f32::NEG_INFINITY),
+            0
+        );
+    }
+
+    #[test]
+    fn log_sum_exp_by_hand() {
+        let v = log_sum_exp([(0.0f32, 2.0f32), (3f32.ln(), 1.0)].into_iter());
+        assert!((v - 5f32.ln()).abs() < 1e-6);
+        assert_eq!(
+            log_sum_exp([(1.0f32, 0.0f32)].into_iter()),
+            f32::NEG_INFINITY
+        );
+        // Large logits do not overflow.
+        let big = log_sum_exp([(1000.0f32, 1.0f32), (1000.0, 1.0)].into_iter());
+        assert!((big - (1000.0 + 2f32.ln())).abs() < 1e-3);
+    }
 }

@@ -4,8 +4,28 @@
 //! lookups are O(1) and recency updates and evictions are O(log n). Buffers are `Arc`s: an evicted
 //! list stays alive for whoever is still reading it.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
+
+thread_local! {
+    /// Set while this thread works for the prefetcher: its lookups and insertions are counted as
+    /// prefetch traffic, not as demand.
+    static PREFETCHING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with this thread's cache traffic counted as prefetch: entries it inserts are marked,
+/// and the first demand hit on a marked entry counts as a prefetch hit.
+pub fn as_prefetch<T>(f: impl FnOnce() -> T) -> T {
+    let before = PREFETCHING.with(|p| p.replace(true));
+    let out = f();
+    PREFETCHING.with(|p| p.set(before));
+    out
+}
+
+fn prefetching() -> bool {
+    PREFETCHING.with(|p| p.get())
+}
 
 use crate::aligned::AlignedBuf;
 
@@ -25,11 +45,17 @@ pub struct CacheStats {
     pub evictions: u64,
     pub bytes: u64,
     pub capacity: u64,
+    /// Entries inserted by prefetch (see [`as_prefetch`]).
+    pub prefetch_insertions: u64,
+    /// Demand hits on an entry that a prefetch brought in (its first demand use).
+    pub prefetch_hits: u64,
 }
 
 struct Entry {
     buf: Arc<AlignedBuf>,
     tick: u64,
+    /// Inserted by a prefetch and not yet used by a demand lookup.
+    prefetched: bool,
 }
 
 #[derive(Default)]
@@ -43,6 +69,8 @@ struct Inner {
     misses: u64,
     insertions: u64,
     evictions: u64,
+    prefetch_insertions: u64,
+    prefetch_hits: u64,
 }
 
 impl Inner {
@@ -81,6 +109,7 @@ impl RamCache {
 
     /// Looks up `key`, counting a hit or miss; a hit becomes the most recently used entry.
     pub fn get(&self, key: &CacheKey) -> Option<Arc<AlignedBuf>> {
+        let demand = !prefetching();
         let mut g = self.lock();
         let inner = &mut *g;
         let tick = inner.next_tick + 1;
@@ -90,11 +119,19 @@ impl RamCache {
                 inner.order.remove(&e.tick);
                 e.tick = tick;
                 inner.order.insert(tick, *key);
-                inner.hits += 1;
+                if demand {
+                    inner.hits += 1;
+                    if e.prefetched {
+                        e.prefetched = false;
+                        inner.prefetch_hits += 1;
+                    }
+                }
                 Some(Arc::clone(&e.buf))
             }
             None => {
-                inner.misses += 1;
+                if demand {
+                    inner.misses += 1;
+                }
                 None
             }
         }
@@ -119,10 +156,21 @@ impl RamCache {
             }
         }
         let tick = g.tick();
+        let prefetched = prefetching();
         g.order.insert(tick, key);
-        g.map.insert(key, Entry { buf, tick });
+        g.map.insert(
+            key,
+            Entry {
+                buf,
+                tick,
+                prefetched,
+            },
+        );
         g.bytes += size;
         g.insertions += 1;
+        if prefetched {
+            g.prefetch_insertions += 1;
+        }
     }
 
     /// Whether `key` is cached, without counting or refreshing it.
@@ -161,6 +209,8 @@ impl RamCache {
             evictions: g.evictions,
             bytes: g.bytes,
             capacity: self.capacity,
+            prefetch_insertions: g.prefetch_insertions,
+            prefetch_hits: g.prefetch_hits,
         }
     }
 
@@ -171,6 +221,8 @@ impl RamCache {
         g.misses = 0;
         g.insertions = 0;
         g.evictions = 0;
+        g.prefetch_insertions = 0;
+        g.prefetch_hits = 0;
     }
 }
 

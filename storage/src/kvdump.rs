@@ -333,19 +333,7 @@ impl KvDump {
     /// dumps with the same hash hold the KV cache of the same model layers on the same prompt, so
     /// indexes built for one can be reused for the other. The algorithm is fixed (persisted).
     pub fn content_hash(&self) -> u64 {
-        let mut h = Fnv1a::new();
-        h.write(KVDUMP_FORMAT.as_bytes());
-        h.write_u64(self.meta.model.len() as u64);
-        h.write(self.meta.model.as_bytes());
-        h.write_u64(self.meta.layers.len() as u64);
-        for &l in &self.meta.layers {
-            h.write_u64(l as u64);
-        }
-        h.write_u64(self.token_ids.len() as u64);
-        for &t in &self.token_ids {
-            h.write(&t.to_le_bytes());
-        }
-        h.0
+        context_hash(&self.meta.model, &self.meta.layers, &self.token_ids)
     }
 }
 
@@ -1054,4 +1042,22 @@ fn check_floats(
         }
     }
     Ok(())
+}
+
+/// Content hash of a context: model, layer indices and token ids (64-bit FNV-1a). Two sessions
+/// or dumps with the same hash hold the same keys and values, so one's index serves the other.
+pub fn context_hash(model: &str, layers: &[usize], token_ids: &[i64]) -> u64 {
+    let mut h = Fnv1a::new();
+    h.write(KVDUMP_FORMAT.as_bytes());
+    h.write_u64(model.len() as u64);
+    h.write(model.as_bytes());
+    h.write_u64(layers.len() as u64);
+    for &l in layers {
+        h.write_u64(l as u64);
+    }
+    h.write_u64(token_ids.len() as u64);
+    for &t in token_ids {
+        h.write(&t.to_le_bytes());
+    }
+    h.0
 }

@@ -148,3 +148,23 @@ fn shared_between_threads() {
     assert_eq!(s.insertions, s.misses);
     assert_eq!(s.bytes, c.len() as u64 * 4096);
 }
+
+#[test]
+fn prefetched_entries_count_their_first_demand_hit() {
+    use strata_storage::cache::as_prefetch;
+    let cache = RamCache::new(1 << 20);
+    let key = CacheKey { file: 1, offset: 0 };
+    let buf = std::sync::Arc::new(strata_storage::aligned::AlignedBuf::zeroed(4096));
+    // A prefetch misses, reads and inserts: none of it is demand traffic.
+    as_prefetch(|| {
+        assert!(cache.get(&key).is_none());
+        cache.insert(key, buf.clone());
+    });
+    let s = cache.stats();
+    assert_eq!((s.hits, s.misses, s.prefetch_insertions), (0, 0, 1));
+    // The first demand hit is a prefetch hit; the second is an ordinary hit.
+    assert!(cache.get(&key).is_some());
+    assert!(cache.get(&key).is_some());
+    let s = cache.stats();
+    assert_eq!((s.hits, s.prefetch_hits), (2, 1));
+}

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
-use strata_engine::attention::attend_logits;
+use strata_engine::attention::{attend_logits, merge, Attended};
 use strata_engine::metrics::{covered_mass, output_error, recall_at_k, ExactAttention};
 use strata_index::baselines::exact::Exact;
 use strata_index::baselines::hnsw::HnswIp;
@@ -36,6 +36,11 @@ pub struct EvalArgs {
     /// Attended tokens beyond the static ones, as a fraction of visible keys, in (0, 1].
     #[arg(long, default_value_t = SearchParams::default().budget)]
     budget: f32,
+    /// Adaptive budget (strata only): attend tokens in descending exact score until the
+    /// estimated covered mass, static tokens included, reaches this target in (0, 1]; never more
+    /// than `--budget`.
+    #[arg(long)]
+    target_mass: Option<f32>,
     /// Comma-separated methods: strata, exact, oracle, ivf (plain k-means IVF), ivf-faiss, hnsw,
     /// or `all`.
     #[arg(long, default_value = "strata")]
@@ -67,7 +72,11 @@ struct Summary {
     #[serde(rename = "recall@100")]
     recall_100: f64,
     covered_mass: f64,
+    /// Error of the output the engine returns: the exact part merged with the remainder
+    /// estimate when the method gives one.
     output_error: f64,
+    /// Error of the exact part alone (static ∪ attended), without the remainder estimate.
+    output_error_exact_only: f64,
     attended_fraction: f64,
     scored_fraction: f64,
     bytes_read_fraction: f64,
@@ -101,7 +110,7 @@ impl Acc {
             m.bytes_read_fraction,
             m.ssd_bytes,
             m.ssd_reads,
-            0.0,
+            m.output_error_exact_only,
         ];
         for (s, x) in self.sums.iter_mut().zip(v) {
             *s += x;
@@ -138,6 +147,7 @@ impl Acc {
             recall_100: self.sums[1] / n,
             covered_mass: self.sums[2] / n,
             output_error: self.sums[3] / n,
+            output_error_exact_only: self.sums[9] / n,
             attended_fraction: self.sums[4] / n,
             scored_fraction: self.sums[5] / n,
             bytes_read_fraction: self.sums[6] / n,
@@ -160,7 +170,11 @@ struct QueryMetrics {
     recall_10: f64,
     recall_100: f64,
     covered_mass: f64,
+    /// Error of the output the engine returns: the exact part merged with the remainder
+    /// estimate when the method gives one.
     output_error: f64,
+    /// Error of the exact part alone (static ∪ attended), without the remainder estimate.
+    output_error_exact_only: f64,
     attended_fraction: f64,
     scored_fraction: f64,
     bytes_read_fraction: f64,
@@ -202,6 +216,7 @@ struct RunReport {
     dump: String,
     model: String,
     budget: f32,
+    target_mass: Option<f32>,
     cold: bool,
     reader: Option<String>,
     search_params: SearchParams,
@@ -249,6 +264,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let (search_over, baseline_over) = split_overrides(&args.overrides);
     let mut params = apply_overrides(&SearchParams::default(), &search_over)?;
     params.budget = args.budget;
+    if args.target_mass.is_some() {
+        params.target_mass = args.target_mass;
+    }
     params.validate()?;
     let baseline = apply_overrides(&BaselineParams::default(), &baseline_over)?;
     if args.query_stride == 0 {
@@ -365,7 +383,13 @@ fn run_method(
                     }
                     let retrieved = match (&prepared, index) {
                         (Some(p), _) => p.retrieve(q, position, params)?,
-                        (None, Some(ix)) => ix.search(l, kvh, q, position, params)?,
+                        (None, Some(ix)) => {
+                            // The engine attends the static tokens itself and knows their
+                            // log-sum-exp exactly; the adaptive budget counts it as covered.
+                            let static_lse =
+                                static_log_sum_exp(q, position, keys, dim, scale, params);
+                            ix.search_with_static(l, kvh, q, position, params, Some(static_lse))?
+                        }
                         (None, None) => bail!("method {method} has no index"),
                     };
                     let (m, attended) = score_query(
@@ -408,6 +432,7 @@ fn run_method(
         dump: dump.path.display().to_string(),
         model: meta.model.clone(),
         budget: params.budget,
+        target_mass: params.target_mass,
         cold: args.cold,
         reader: index
             .filter(|_| method == "strata")
@@ -512,7 +537,26 @@ fn score_query(
             None => sub_values.extend_from_slice(&values[t as usize * dim..(t as usize + 1) * dim]),
         }
     }
-    let approx = attend_logits(&sub_logits, &sub_values, dim);
+    let exact_part = attend_logits(&sub_logits, &sub_values, dim);
+    let engine_output = match &r.remainder {
+        Some(rem) => {
+            if rem.output.len() != dim || rem.lse.is_nan() || rem.lse == f32::INFINITY {
+                bail!(
+                    "{method} returned a remainder of {} dims with lse {}",
+                    rem.output.len(),
+                    rem.lse
+                );
+            }
+            merge(&[
+                exact_part.clone(),
+                Attended {
+                    output: rem.output.clone(),
+                    lse: rem.lse,
+                },
+            ])
+        }
+        None => exact_part.clone(),
+    };
 
     let s = &r.stats;
     let kv_bytes = (visible * dim * 2 * 2) as f64;
@@ -522,6 +566,7 @@ fn score_query(
     // keys and values it attended.
     let bytes = s.centroids_scored * dim as u64 * 4
         + s.code_bytes
+        + s.estimate_bytes
         + if s.list_bytes > 0 {
             s.list_bytes
         } else {
@@ -536,7 +581,8 @@ fn score_query(
             recall_10: recall_at_k(&exact.top_k(10), &attended),
             recall_100: recall_at_k(&exact.top_k(100), &attended),
             covered_mass: covered_mass(&exact.probs, &attended),
-            output_error: output_error(&approx.output, &exact.output),
+            output_error: output_error(&engine_output.output, &exact.output),
+            output_error_exact_only: output_error(&exact_part.output, &exact.output),
             attended_fraction: r.tokens.len() as f64 / visible as f64,
             scored_fraction: (s.centroids_scored + s.keys_scored) as f64 / visible as f64,
             bytes_read_fraction: bytes as f64 / kv_bytes,
@@ -548,6 +594,31 @@ fn score_query(
         },
         ids,
     ))
+}
+
+/// Natural log of Σ exp(scale·q·k) over the static tokens of a query at `position`.
+fn static_log_sum_exp(
+    q: &[f32],
+    position: usize,
+    keys: &[f32],
+    dim: usize,
+    scale: f32,
+    params: &SearchParams,
+) -> f32 {
+    let logits: Vec<f32> = params
+        .static_tokens(position)
+        .iter()
+        .map(|&t| scale * dot(&keys[t as usize * dim..(t as usize + 1) * dim], q))
+        .collect();
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return max;
+    }
+    max + logits
+        .iter()
+        .map(|l| ((l - max) as f64).exp())
+        .sum::<f64>()
+        .ln() as f32
 }
 
 fn print_table(reports: &[RunReport], dump: &KvDump) {
@@ -566,12 +637,13 @@ fn print_table(reports: &[RunReport], dump: &KvDump) {
             .unwrap_or(0),
     );
     println!(
-        "{:<10} {:>6} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>9} {:>6} {:>8} {:>8}",
+        "{:<10} {:>6} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>9} {:>6} {:>8} {:>8}",
         "method",
         "R@10",
         "R@100",
         "mass",
         "err",
+        "err-x",
         "att%",
         "scored%",
         "bytes%",
@@ -584,12 +656,13 @@ fn print_table(reports: &[RunReport], dump: &KvDump) {
     for r in reports {
         let s = &r.summary;
         println!(
-            "{:<10} {:>6.3} {:>6.3} {:>7.4} {:>7.4} {:>7.2} {:>7.2} {:>7.2} {:>9.1} {:>6.1} {:>8.1} {:>8.1}",
+            "{:<10} {:>6.3} {:>6.3} {:>7.4} {:>7.4} {:>7.4} {:>7.2} {:>7.2} {:>7.2} {:>9.1} {:>6.1} {:>8.1} {:>8.1}",
             r.method,
             s.recall_10,
             s.recall_100,
             s.covered_mass,
             s.output_error,
+            s.output_error_exact_only,
             s.attended_fraction * 100.0,
             s.scored_fraction * 100.0,
             s.bytes_read_fraction * 100.0,
@@ -600,8 +673,12 @@ fn print_table(reports: &[RunReport], dump: &KvDump) {
         );
         for l in &r.per_layer {
             rows.entry(l.model_layer).or_default().push(format!(
-                "{}: R@100 {:.3} mass {:.3} err {:.3}",
-                r.method, l.summary.recall_100, l.summary.covered_mass, l.summary.output_error
+                "{}: R@100 {:.3} mass {:.3} err {:.3} (exact part {:.3})",
+                r.method,
+                l.summary.recall_100,
+                l.summary.covered_mass,
+                l.summary.output_error,
+                l.summary.output_error_exact_only
             ));
         }
     }

@@ -1,0 +1,32 @@
+//! Engine tunables, named once with their defaults (printed by `strata inspect --defaults`).
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EngineParams {
+    /// RAM the engine may use: the shared list cache plus every session's resident state
+    /// (mapped manifest with centroids and codes, static and tail rows).
+    pub ram_budget_bytes: u64,
+    /// The part of `ram_budget_bytes` given to the shared RAM tier of posting lists.
+    pub ram_cache_bytes: u64,
+    /// Disk the session folders may use (indexes, deltas, persisted tails).
+    pub disk_budget_bytes: u64,
+    /// Appended tokens older than the recent window are attended exactly (static) until this
+    /// many have gathered; then they are folded into a delta index in the background.
+    pub fold_tokens: u32,
+    /// Rank the lists of step t+1 with step t's queries and read them ahead on a background
+    /// thread.
+    pub prefetch: bool,
+}
+
+impl Default for EngineParams {
+    fn default() -> Self {
+        EngineParams {
+            ram_budget_bytes: 8 << 30,
+            ram_cache_bytes: 2 << 30,
+            disk_budget_bytes: 64 << 30,
+            fold_tokens: 4096,
+            prefetch: true,
+        }
+    }
+}

@@ -1,0 +1,523 @@
+//! The engine: sessions by id, the shared RAM tier, budgets and admission, session folders
+//! (reuse by content hash, persistence of the appended tail), and the prefetcher.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+
+use strata_index::manifest::SourceInfo;
+use strata_index::{build_index_from, BuildInput, BuildParams, HeadArrays, Index, SearchParams};
+use strata_storage::cache::{as_prefetch, CacheStats, RamCache};
+use strata_storage::durable::AtomicFile;
+use strata_storage::footer;
+use strata_storage::reader::ReaderPreference;
+
+use crate::config::EngineParams;
+use crate::error::{EngineError, EngineResult};
+use crate::session::{
+    delta_dir, dir_bytes, Delta, Rows, Session, SessionInfo, SessionSpec, StepOutput,
+};
+
+pub type SessionId = u64;
+
+const TAIL_FILE: &str = "tail.strata";
+const TAIL_MAGIC: [u8; 8] = *b"STRTAIL\x01";
+const TAIL_VERSION: u32 = 1;
+const SPEC_FILE: &str = "session.json";
+
+struct PrefetchJob {
+    session: Weak<Session>,
+    layer: usize,
+    queries: Vec<f32>,
+}
+
+pub struct Engine {
+    root: PathBuf,
+    params: EngineParams,
+    search: SearchParams,
+    build: BuildParams,
+    reader: ReaderPreference,
+    cache: Arc<RamCache>,
+    sessions: RwLock<HashMap<SessionId, Arc<Session>>>,
+    next_id: AtomicU64,
+    prefetch: Option<Mutex<Sender<PrefetchJob>>>,
+}
+
+fn folder_err(path: &Path, problem: impl Into<String>) -> EngineError {
+    EngineError::Folder {
+        path: path.to_path_buf(),
+        problem: problem.into(),
+    }
+}
+
+impl Engine {
+    /// An engine whose sessions live in folders under `root`.
+    pub fn new(
+        root: &Path,
+        params: EngineParams,
+        search: SearchParams,
+        build: BuildParams,
+        reader: ReaderPreference,
+    ) -> EngineResult<Engine> {
+        search.validate()?;
+        build.validate()?;
+        if params.ram_cache_bytes > params.ram_budget_bytes {
+            return Err(EngineError::Admission(format!(
+                "the RAM tier ({} MiB) is larger than the whole RAM budget ({} MiB)",
+                params.ram_cache_bytes >> 20,
+                params.ram_budget_bytes >> 20
+            )));
+        }
+        std::fs::create_dir_all(root).map_err(|e| folder_err(root, e.to_string()))?;
+        let cache = Arc::new(RamCache::new(params.ram_cache_bytes));
+        let prefetch = params.prefetch.then(|| {
+            let (tx, rx) = channel::<PrefetchJob>();
+            std::thread::Builder::new()
+                .name("strata-prefetch".into())
+                .spawn(move || {
+                    while let Ok(job) = rx.recv() {
+                        if let Some(s) = job.session.upgrade() {
+                            prefetch_layer(&s, job.layer, &job.queries);
+                        }
+                    }
+                })
+                .map(|_| Mutex::new(tx))
+        });
+        let prefetch = match prefetch {
+            Some(Ok(tx)) => Some(tx),
+            Some(Err(e)) => {
+                log::warn!("prefetch thread could not start, prefetch is off: {e}");
+                None
+            }
+            None => None,
+        };
+        Ok(Engine {
+            root: root.to_path_buf(),
+            params,
+            search,
+            build,
+            reader,
+            cache,
+            sessions: RwLock::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            prefetch,
+        })
+    }
+
+    pub fn params(&self) -> &EngineParams {
+        &self.params
+    }
+
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.stats()
+    }
+
+    /// Empties the RAM tier (for cold measurements).
+    pub fn clear_cache(&self) {
+        self.cache.clear();
+    }
+
+    pub fn reset_cache_stats(&self) {
+        self.cache.reset_stats();
+    }
+
+    fn session(&self, id: SessionId) -> EngineResult<Arc<Session>> {
+        self.sessions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+            .ok_or(EngineError::UnknownSession(id))
+    }
+
+    /// Folder of a context: one per content hash (model + layers + token ids).
+    pub fn session_dir(&self, spec: &SessionSpec) -> PathBuf {
+        self.root.join(format!("{:016x}", spec.content_hash()))
+    }
+
+    /// Opens a session over `spec`'s context. The index is reused when one for the same content
+    /// hash exists (after a restart too, with the tail persisted by [`Engine::close_session`]);
+    /// otherwise it is built from `prefill` (layer-major `(layer, kv head)` arrays of
+    /// `tokens × head_dim`), which must then be given.
+    pub fn create_session(
+        &self,
+        spec: SessionSpec,
+        prefill: Option<&[HeadArrays]>,
+    ) -> EngineResult<SessionId> {
+        spec.validate().map_err(EngineError::Spec)?;
+        let hash = spec.content_hash();
+        let dir = self.session_dir(&spec);
+        let index_dir = dir.join("index");
+        let n = spec.token_ids.len();
+        if self
+            .sessions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .any(|s| s.hash == hash)
+        {
+            return Err(EngineError::Admission(format!(
+                "a session over this context ({hash:016x}) is already open; its folder is not shared"
+            )));
+        }
+
+        let existing = if index_dir.join(strata_index::manifest::INDEX_FILE).exists() {
+            match Index::open(&index_dir, self.reader, self.cache.clone()) {
+                Ok(ix) if matches_spec(&ix, &spec, hash) => Some(ix),
+                Ok(_) => {
+                    log::warn!(
+                        "{}: index of another context; rebuilding",
+                        index_dir.display()
+                    );
+                    None
+                }
+                Err(e) => {
+                    log::warn!("{}: unusable index ({e}); rebuilding", index_dir.display());
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let reused = existing.is_some();
+        self.admit(&spec, reused)?;
+        let index = match existing {
+            Some(ix) => {
+                log::info!("session over {hash:016x}: reusing {}", index_dir.display());
+                ix
+            }
+            None => {
+                let prefill = prefill.ok_or_else(|| {
+                    EngineError::Spec(format!(
+                        "no index for context {hash:016x} under {} and no prefill K/V to build one",
+                        self.root.display()
+                    ))
+                })?;
+                let input = BuildInput {
+                    source: SourceInfo {
+                        dump_path: format!("session context {hash:016x}"),
+                        model: spec.model.clone(),
+                        model_type: String::new(),
+                        layers: spec.layers.iter().map(|&l| l as u32).collect(),
+                        q_heads: spec.q_heads as u32,
+                        kv_heads: spec.kv_heads as u32,
+                        head_dim: spec.head_dim as u32,
+                        tokens: n as u32,
+                        softmax_scale: spec.softmax_scale.clone(),
+                        content_hash: hash,
+                    },
+                    heads: prefill.to_vec(),
+                };
+                std::fs::create_dir_all(&dir).map_err(|e| folder_err(&dir, e.to_string()))?;
+                build_index_from(&input, &self.build, &index_dir, true, &|_, _| {})?;
+                Index::open(&index_dir, self.reader, self.cache.clone())?
+            }
+        };
+        let spec_json =
+            serde_json::to_vec_pretty(&spec).map_err(|e| EngineError::Spec(e.to_string()))?;
+        strata_storage::durable::atomic_write(&dir.join(SPEC_FILE), &spec_json)?;
+
+        let layers = Session::initial_layers(
+            &spec,
+            &index,
+            &self.search,
+            self.params.fold_tokens as usize,
+        )?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let session = Arc::new(Session {
+            id,
+            spec,
+            hash,
+            dir: dir.clone(),
+            base: Arc::new(index),
+            base_tokens: n,
+            search: self.search.clone(),
+            build: self.build.clone(),
+            reused_index: reused,
+            layers,
+            failed: Mutex::new(None),
+            cache: self.cache.clone(),
+            reader: self.reader,
+        });
+        if dir.join(TAIL_FILE).exists() {
+            load_tail(&session, &dir.join(TAIL_FILE))?;
+        }
+        self.sessions
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, session);
+        Ok(id)
+    }
+
+    /// Refuses a session the RAM or disk budgets cannot hold, before anything is built.
+    fn admit(&self, spec: &SessionSpec, reused: bool) -> EngineResult<()> {
+        let (l, kv, d, n) = (
+            spec.layers.len() as u64,
+            spec.kv_heads as u64,
+            spec.head_dim as u64,
+            spec.token_ids.len() as u64,
+        );
+        let lists = n.div_ceil(self.build.list_size as u64);
+        let code = d.div_ceil(8 / self.build.code_bits as u64);
+        // Mapped manifest: codes and ids per token, centroids and value sums per list; plus the
+        // resident static rows (sinks and the window's edge, f32 keys and values).
+        let resident = l * kv * (n * (code + 4 + 4) + lists * d * 8)
+            + l * kv * (self.search.sink_tokens + self.search.recent_tokens) as u64 * d * 8;
+        // Segments: ids + f16 keys and values, 4 KiB padding and replicas (about a third more).
+        let disk = if reused {
+            0
+        } else {
+            l * kv * n * (4 + 4 * d) * 4 / 3
+        };
+        let sessions = self.sessions.read().unwrap_or_else(|p| p.into_inner());
+        let used_ram: u64 = sessions.values().map(|s| s.resident_bytes()).sum();
+        let used_disk: u64 = dir_bytes(&self.root);
+        let ram_free = self
+            .params
+            .ram_budget_bytes
+            .saturating_sub(self.params.ram_cache_bytes + used_ram);
+        if resident > ram_free {
+            return Err(EngineError::Admission(format!(
+                "session needs about {} MiB of resident RAM; {} MiB of the {} MiB budget are free ({} MiB RAM tier, {} MiB held by {} sessions)",
+                resident >> 20,
+                ram_free >> 20,
+                self.params.ram_budget_bytes >> 20,
+                self.params.ram_cache_bytes >> 20,
+                used_ram >> 20,
+                sessions.len()
+            )));
+        }
+        let disk_free = self.params.disk_budget_bytes.saturating_sub(used_disk);
+        if disk > disk_free {
+            return Err(EngineError::Admission(format!(
+                "session needs about {} MiB of disk; {} MiB of the {} MiB budget are free",
+                disk >> 20,
+                disk_free >> 20,
+                self.params.disk_budget_bytes >> 20
+            )));
+        }
+        Ok(())
+    }
+
+    /// One decoding step of `layer` for session `id`: `queries` holds every query head
+    /// (`q_heads × head_dim`), `new_k`/`new_v` this token's key and value of every KV head.
+    pub fn step(
+        &self,
+        id: SessionId,
+        layer: usize,
+        queries: &[f32],
+        new_k: &[f32],
+        new_v: &[f32],
+    ) -> EngineResult<StepOutput> {
+        let session = self.session(id)?;
+        let out = session.step(layer, queries, new_k, new_v)?;
+        if let Some(tx) = &self.prefetch {
+            let job = PrefetchJob {
+                session: Arc::downgrade(&session),
+                layer,
+                queries: queries.to_vec(),
+            };
+            let _ = tx.lock().unwrap_or_else(|p| p.into_inner()).send(job);
+        }
+        Ok(out)
+    }
+
+    pub fn info(&self, id: SessionId) -> EngineResult<SessionInfo> {
+        Ok(self.session(id)?.info())
+    }
+
+    /// Why the last background fold of `layer` failed, if it did.
+    pub fn fold_error(&self, id: SessionId, layer: usize) -> EngineResult<Option<String>> {
+        Ok(self.session(id)?.fold_error(layer))
+    }
+
+    /// Waits for the session's background folds to finish and installs them.
+    pub fn finish_folds(&self, id: SessionId) -> EngineResult<()> {
+        self.session(id)?.finish_folds();
+        Ok(())
+    }
+
+    /// Forgets a session; its folder stays for reuse.
+    pub fn drop_session(&self, id: SessionId) -> EngineResult<()> {
+        self.sessions
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id)
+            .map(|_| ())
+            .ok_or(EngineError::UnknownSession(id))
+    }
+
+    /// Finishes the session's folds, persists its appended tail, and drops it. A later
+    /// `create_session` over the same context (after a restart too) continues from there.
+    pub fn close_session(&self, id: SessionId) -> EngineResult<()> {
+        let s = self.session(id)?;
+        s.finish_folds();
+        save_tail(&s, &s.dir.join(TAIL_FILE))?;
+        self.drop_session(id)
+    }
+
+    pub fn session_ids(&self) -> Vec<SessionId> {
+        let mut ids: Vec<_> = self
+            .sessions
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+}
+
+fn matches_spec(ix: &Index, spec: &SessionSpec, hash: u64) -> bool {
+    let s = &ix.manifest().source;
+    s.content_hash.to_native() == hash
+        && s.kv_heads.to_native() as usize == spec.kv_heads
+        && s.head_dim.to_native() as usize == spec.head_dim
+        && s.tokens.to_native() as usize == spec.token_ids.len()
+        && s.layers.len() == spec.layers.len()
+}
+
+/// Reads ahead the lists the next step of `layer` will likely need: the same search with this
+/// step's queries, its cache traffic marked as prefetch.
+fn prefetch_layer(s: &Arc<Session>, layer: usize, queries: &[f32]) {
+    let Some(st) = s.layers.get(layer) else {
+        return;
+    };
+    let next = st.lock().unwrap_or_else(|p| p.into_inner()).len;
+    let base_last = s.base_tokens - 1;
+    let params = SearchParams {
+        recent_tokens: (s.search.recent_tokens as usize).saturating_sub(next - base_last) as u32,
+        ..s.search.clone()
+    };
+    let dim = s.spec.head_dim;
+    let group = s.spec.group_size();
+    as_prefetch(|| {
+        for qh in 0..s.spec.q_heads {
+            let q = &queries[qh * dim..(qh + 1) * dim];
+            if let Err(e) = s.base.search(layer, qh / group, q, base_last, &params) {
+                log::debug!("prefetch of session {} layer {layer}: {e}", s.id);
+                return;
+            }
+        }
+    });
+}
+
+/// Tail file: a JSON header (per layer: length, folded prefix, deltas) then the f32 rows of
+/// every layer and KV head (keys, then values), ending with the strata footer.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct TailHeader {
+    base_tokens: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    layers: Vec<TailLayer>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct TailLayer {
+    len: usize,
+    folded_upto: usize,
+    deltas: Vec<(usize, usize)>,
+}
+
+fn save_tail(s: &Session, path: &Path) -> EngineResult<()> {
+    let mut header = TailHeader {
+        base_tokens: s.base_tokens,
+        kv_heads: s.spec.kv_heads,
+        head_dim: s.spec.head_dim,
+        layers: Vec::new(),
+    };
+    let mut rows: Vec<u8> = Vec::new();
+    for layer in &s.layers {
+        let st = layer.lock().unwrap_or_else(|p| p.into_inner());
+        header.layers.push(TailLayer {
+            len: st.len,
+            folded_upto: st.folded_upto,
+            deltas: st.deltas.iter().map(|d| (d.start, d.len)).collect(),
+        });
+        for h in 0..s.spec.kv_heads {
+            for v in st.tail.k[h].iter().chain(&st.tail.v[h]) {
+                rows.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+    let json = serde_json::to_vec(&header).map_err(|e| folder_err(path, e.to_string()))?;
+    let mut payload = (json.len() as u64).to_le_bytes().to_vec();
+    payload.extend_from_slice(&json);
+    payload.extend_from_slice(&rows);
+    let foot = footer::encode_footer(TAIL_MAGIC, TAIL_VERSION, &payload);
+    let mut f = AtomicFile::create(path)?;
+    f.write_all(&payload)
+        .and_then(|_| f.write_all(&foot))
+        .map_err(|e| folder_err(path, format!("write: {e}")))?;
+    f.commit()?;
+    Ok(())
+}
+
+fn load_tail(s: &Session, path: &Path) -> EngineResult<()> {
+    let bytes = std::fs::read(path).map_err(|e| folder_err(path, format!("read: {e}")))?;
+    let payload = footer::check_whole(path, &bytes, TAIL_MAGIC, TAIL_VERSION)?;
+    let bad = |p: &str| folder_err(path, format!("tail file: {p}"));
+    if payload.len() < 8 {
+        return Err(bad("no header"));
+    }
+    let hlen =
+        u64::from_le_bytes(payload[..8].try_into().map_err(|_| bad("header length"))?) as usize;
+    let json = payload
+        .get(8..8 + hlen)
+        .ok_or_else(|| bad("header past the end"))?;
+    let header: TailHeader =
+        serde_json::from_slice(json).map_err(|e| bad(&format!("header: {e}")))?;
+    let (kv, dim) = (s.spec.kv_heads, s.spec.head_dim);
+    if header.base_tokens != s.base_tokens
+        || header.kv_heads != kv
+        || header.head_dim != dim
+        || header.layers.len() != s.layers.len()
+    {
+        return Err(bad("written for another session shape"));
+    }
+    let mut floats = payload[8 + hlen..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+    for (l, (layer, th)) in s.layers.iter().zip(&header.layers).enumerate() {
+        if th.len < s.base_tokens || th.folded_upto < s.base_tokens || th.folded_upto > th.len {
+            return Err(bad(&format!("layer {l}: inconsistent lengths")));
+        }
+        let n = (th.len - s.base_tokens) * dim;
+        let mut tail = Rows {
+            k: Vec::with_capacity(kv),
+            v: Vec::with_capacity(kv),
+        };
+        for _ in 0..kv {
+            let k: Vec<f32> = floats.by_ref().take(n).collect();
+            let v: Vec<f32> = floats.by_ref().take(n).collect();
+            if k.len() != n || v.len() != n {
+                return Err(bad(&format!("layer {l}: rows cut short")));
+            }
+            tail.k.push(k);
+            tail.v.push(v);
+        }
+        let mut deltas = Vec::new();
+        for &(start, len) in &th.deltas {
+            let dir = delta_dir(&s.dir, l, start, start + len);
+            let index = Index::open(&dir, s.reader, s.cache.clone())?;
+            deltas.push(Delta {
+                start,
+                len,
+                index: Arc::new(index),
+            });
+        }
+        let mut st = layer.lock().unwrap_or_else(|p| p.into_inner());
+        st.len = th.len;
+        st.tail = tail;
+        st.folded_upto = th.folded_upto;
+        st.deltas = deltas;
+    }
+    if floats.next().is_some() {
+        return Err(bad("trailing rows"));
+    }
+    Ok(())
+}

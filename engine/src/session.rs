@@ -1,0 +1,633 @@
+//! One context being decoded: its shape, its base index, the resident static rows, the tail of
+//! appended tokens and the delta indexes the tail is folded into.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use strata_index::linalg::dot;
+use strata_index::manifest::SourceInfo;
+use strata_index::{
+    build_index_from, BuildInput, BuildParams, HeadArrays, Index, IndexError, Retrieved,
+    SearchParams,
+};
+use strata_storage::cache::RamCache;
+use strata_storage::reader::ReaderPreference;
+
+use crate::cpu::attend_f32;
+use crate::error::{EngineError, EngineResult};
+
+/// The model shape and the context of a session.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SessionSpec {
+    pub model: String,
+    /// Model layer index of each layer slot.
+    pub layers: Vec<usize>,
+    pub q_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Per layer slot: attention logits are `scale · q·k`.
+    pub softmax_scale: Vec<f32>,
+    /// The prefill's token ids (with model and layers, they identify the context).
+    pub token_ids: Vec<i64>,
+}
+
+impl SessionSpec {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.layers.is_empty() || self.q_heads == 0 || self.kv_heads == 0 || self.head_dim == 0 {
+            return Err("layers, heads and head dim must be non-zero".into());
+        }
+        if self.q_heads % self.kv_heads != 0 {
+            return Err(format!(
+                "{} query heads are not a multiple of {} kv heads",
+                self.q_heads, self.kv_heads
+            ));
+        }
+        if self.softmax_scale.len() != self.layers.len()
+            || self
+                .softmax_scale
+                .iter()
+                .any(|s| !(s.is_finite() && *s > 0.0))
+        {
+            return Err("one finite positive softmax scale per layer is needed".into());
+        }
+        if self.token_ids.is_empty() {
+            return Err("the prefill holds no tokens".into());
+        }
+        Ok(())
+    }
+
+    pub fn content_hash(&self) -> u64 {
+        strata_storage::kvdump::context_hash(&self.model, &self.layers, &self.token_ids)
+    }
+
+    pub fn group_size(&self) -> usize {
+        self.q_heads / self.kv_heads
+    }
+}
+
+/// Attention of one query head: output and log-sum-exp (natural log of Σ exp(scale·q·k)).
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeadOutput {
+    pub output: Vec<f32>,
+    pub lse: f32,
+}
+
+/// What one step did. Counts are summed over the query heads of the step.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct StepTelemetry {
+    pub position: usize,
+    /// Tokens attended exactly: static (sinks, window, unfolded tail) and retrieved.
+    pub tokens_attended: u64,
+    pub static_tokens: u64,
+    pub retrieved_tokens: u64,
+    /// Lists read, by the tier that served them (no HBM tier on the CPU path yet).
+    pub lists_from_hbm: u64,
+    pub lists_from_ram: u64,
+    pub lists_from_ssd: u64,
+    pub ssd_bytes: u64,
+    pub ssd_reads: u64,
+    /// Wall time of the step and CPU time summed over heads in search (I/O included), I/O
+    /// alone, and attention.
+    pub total_ns: u64,
+    pub search_ns: u64,
+    pub io_ns: u64,
+    pub attention_ns: u64,
+    /// A fold of this layer's tail was running in the background during the step.
+    pub folding: bool,
+    /// Delta indexes searched besides the base index.
+    pub deltas: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct StepOutput {
+    pub heads: Vec<HeadOutput>,
+    pub telemetry: StepTelemetry,
+}
+
+/// Public facts about a session.
+#[derive(Clone, Debug, Serialize)]
+pub struct SessionInfo {
+    pub id: u64,
+    pub content_hash: u64,
+    pub dir: PathBuf,
+    pub base_tokens: usize,
+    /// Tokens in context per layer slot.
+    pub lengths: Vec<usize>,
+    pub reused_index: bool,
+    pub resident_bytes: u64,
+    pub disk_bytes: u64,
+    pub failed: Option<String>,
+}
+
+/// Rows of every KV head: `k[h]`, `v[h]` are row-major `n × dim`.
+#[derive(Clone, Default)]
+pub(crate) struct Rows {
+    pub k: Vec<Vec<f32>>,
+    pub v: Vec<Vec<f32>>,
+}
+
+impl Rows {
+    fn new(kv_heads: usize) -> Self {
+        Rows {
+            k: vec![Vec::new(); kv_heads],
+            v: vec![Vec::new(); kv_heads],
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        self.k
+            .iter()
+            .chain(&self.v)
+            .map(|r| r.len() as u64 * 4)
+            .sum()
+    }
+}
+
+pub(crate) struct Delta {
+    /// First position it holds, and how many.
+    pub start: usize,
+    pub len: usize,
+    pub index: Arc<Index>,
+}
+
+type FoldResult = Result<Delta, String>;
+
+pub(crate) struct LayerState {
+    /// Tokens in context.
+    pub len: usize,
+    pub sinks: Rows,
+    /// Prefill rows `[edge_start, base)`: the part of the recent window that lies in the prefill.
+    pub edge_start: usize,
+    pub edge: Rows,
+    /// Appended rows, positions `base..len`.
+    pub tail: Rows,
+    /// Tail positions below this are in `deltas` (not static any more).
+    pub folded_upto: usize,
+    pub deltas: Vec<Delta>,
+    /// A fold running in the background, with where its result lands.
+    pub fold_running: Option<(Arc<AtomicBool>, Arc<Mutex<Option<FoldResult>>>)>,
+    pub fold_error: Option<String>,
+    /// Unfolded tail size at which the next fold starts (grows after a failed fold).
+    pub next_fold_at: usize,
+}
+
+pub(crate) struct Session {
+    pub id: u64,
+    pub spec: SessionSpec,
+    pub hash: u64,
+    pub dir: PathBuf,
+    pub base: Arc<Index>,
+    pub base_tokens: usize,
+    pub search: SearchParams,
+    pub build: BuildParams,
+    pub reused_index: bool,
+    pub layers: Vec<Mutex<LayerState>>,
+    pub failed: Mutex<Option<String>>,
+    pub cache: Arc<RamCache>,
+    pub reader: ReaderPreference,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Session {
+    /// Static rows of every layer, read back from the base index (sinks and the window's edge).
+    pub fn initial_layers(
+        spec: &SessionSpec,
+        base: &Index,
+        search: &SearchParams,
+        fold_tokens: usize,
+    ) -> EngineResult<Vec<Mutex<LayerState>>> {
+        let n = spec.token_ids.len();
+        let sinks = (search.sink_tokens as usize).min(n);
+        let edge_start = n.saturating_sub(search.recent_tokens as usize).max(sinks);
+        let sink_ids: Vec<u32> = (0..sinks as u32).collect();
+        let edge_ids: Vec<u32> = (edge_start as u32..n as u32).collect();
+        let mut layers = Vec::with_capacity(spec.layers.len());
+        for l in 0..spec.layers.len() {
+            let mut sink_rows = Rows::new(spec.kv_heads);
+            let mut edge_rows = Rows::new(spec.kv_heads);
+            for h in 0..spec.kv_heads {
+                let (k, v) = strata_index::rows::read_rows(base, l, h, &sink_ids)?;
+                sink_rows.k[h] = k;
+                sink_rows.v[h] = v;
+                let (k, v) = strata_index::rows::read_rows(base, l, h, &edge_ids)?;
+                edge_rows.k[h] = k;
+                edge_rows.v[h] = v;
+            }
+            layers.push(Mutex::new(LayerState {
+                len: n,
+                sinks: sink_rows,
+                edge_start,
+                edge: edge_rows,
+                tail: Rows::new(spec.kv_heads),
+                folded_upto: n,
+                deltas: Vec::new(),
+                fold_running: None,
+                fold_error: None,
+                next_fold_at: fold_tokens,
+            }));
+        }
+        Ok(layers)
+    }
+
+    pub fn info(&self) -> SessionInfo {
+        SessionInfo {
+            id: self.id,
+            content_hash: self.hash,
+            dir: self.dir.clone(),
+            base_tokens: self.base_tokens,
+            lengths: self.layers.iter().map(|l| lock(l).len).collect(),
+            reused_index: self.reused_index,
+            resident_bytes: self.resident_bytes(),
+            disk_bytes: dir_bytes(&self.dir),
+            failed: lock(&self.failed).clone(),
+        }
+    }
+
+    /// RAM this session holds outside the shared RAM tier.
+    pub fn resident_bytes(&self) -> u64 {
+        let mapped = self.base.mapped_bytes() as u64;
+        let rows: u64 = self
+            .layers
+            .iter()
+            .map(|l| {
+                let g = lock(l);
+                g.sinks.bytes()
+                    + g.edge.bytes()
+                    + g.tail.bytes()
+                    + g.deltas
+                        .iter()
+                        .map(|d| d.index.mapped_bytes() as u64)
+                        .sum::<u64>()
+            })
+            .sum();
+        mapped + rows
+    }
+
+    fn fail(&self, reason: String) {
+        log::error!("session {} marked failed: {reason}", self.id);
+        *lock(&self.failed) = Some(reason);
+    }
+
+    pub fn check_usable(&self) -> EngineResult<()> {
+        match &*lock(&self.failed) {
+            Some(reason) => Err(EngineError::SessionFailed {
+                id: self.id,
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn bad(&self, problem: String) -> EngineError {
+        EngineError::BadInput {
+            id: self.id,
+            problem,
+        }
+    }
+
+    /// One decoding step of one layer: appends the new token's K/V (one row per KV head), then
+    /// answers every query head over static ∪ retrieved tokens.
+    pub fn step(
+        self: &Arc<Self>,
+        layer: usize,
+        queries: &[f32],
+        new_k: &[f32],
+        new_v: &[f32],
+    ) -> EngineResult<StepOutput> {
+        let started = Instant::now();
+        self.check_usable()?;
+        let spec = &self.spec;
+        let dim = spec.head_dim;
+        if layer >= spec.layers.len() {
+            return Err(self.bad(format!(
+                "layer slot {layer} out of range (the session has {})",
+                spec.layers.len()
+            )));
+        }
+        let checks = [
+            ("queries", queries.len(), spec.q_heads * dim),
+            ("new keys", new_k.len(), spec.kv_heads * dim),
+            ("new values", new_v.len(), spec.kv_heads * dim),
+        ];
+        for (what, got, want) in checks {
+            if got != want {
+                return Err(self.bad(format!(
+                    "{what}: {got} floats, expected {want} ({} heads x {dim})",
+                    if what == "queries" {
+                        spec.q_heads
+                    } else {
+                        spec.kv_heads
+                    }
+                )));
+            }
+        }
+        for (what, xs) in [
+            ("queries", queries),
+            ("new keys", new_k),
+            ("new values", new_v),
+        ] {
+            if let Some(i) = xs.iter().position(|v| !v.is_finite()) {
+                return Err(self.bad(format!(
+                    "{what}: element {i} (head {}, dim {}) is {}",
+                    i / dim,
+                    i % dim,
+                    xs[i]
+                )));
+            }
+        }
+
+        let mut st = lock(&self.layers[layer]);
+        self.install_fold(layer, &mut st);
+        // Append: the new token is position `len`, inside the recent window from now on.
+        let p = st.len;
+        for h in 0..spec.kv_heads {
+            st.tail.k[h].extend_from_slice(&new_k[h * dim..(h + 1) * dim]);
+            st.tail.v[h].extend_from_slice(&new_v[h * dim..(h + 1) * dim]);
+        }
+        st.len += 1;
+
+        let recent = self.search.recent_tokens as usize;
+        let window_start = (p + 1).saturating_sub(recent);
+        let sinks = (self.search.sink_tokens as usize).min(p + 1);
+        // Static positions: sinks, the unfolded old tail, the window.
+        let mut statics: Vec<usize> = (0..sinks).collect();
+        statics.extend(st.folded_upto.max(sinks)..window_start.max(st.folded_upto.max(sinks)));
+        statics.extend(window_start.max(sinks)..=p);
+        statics.dedup();
+
+        // Base index: its own static rule is the sinks plus the window's overlap with it.
+        let base_last = self.base_tokens - 1;
+        let base_params = SearchParams {
+            recent_tokens: recent.saturating_sub(p - base_last) as u32,
+            ..self.search.clone()
+        };
+        let delta_params = SearchParams {
+            sink_tokens: 0,
+            recent_tokens: 0,
+            ..self.search.clone()
+        };
+        let folding = st.fold_running.is_some();
+        let scale = spec.softmax_scale[layer];
+        let group = spec.group_size();
+        let st_ref = &*st;
+        let per_kv: Vec<EngineResult<(Vec<HeadOutput>, StepTelemetry)>> = (0..spec.kv_heads)
+            .into_par_iter()
+            .map(|h| {
+                let mut tel = StepTelemetry::default();
+                // Static rows of this KV head, in `statics` order.
+                let mut sk = Vec::with_capacity(statics.len() * dim);
+                let mut sv = Vec::with_capacity(statics.len() * dim);
+                for &t in &statics {
+                    let (k, v) = row(st_ref, self.base_tokens, h, t, dim);
+                    sk.extend_from_slice(k);
+                    sv.extend_from_slice(v);
+                }
+                let mut outs = Vec::with_capacity(group);
+                for qh in h * group..(h + 1) * group {
+                    let q = &queries[qh * dim..(qh + 1) * dim];
+                    let mut parts: Vec<Retrieved> = Vec::with_capacity(1 + st_ref.deltas.len());
+                    parts.push(self.base.search(layer, h, q, base_last, &base_params)?);
+                    for d in &st_ref.deltas {
+                        let mut r = d.index.search(0, h, q, d.len - 1, &delta_params)?;
+                        r.tokens.iter_mut().for_each(|t| *t += d.start as u32);
+                        parts.push(r);
+                    }
+                    let at = Instant::now();
+                    let mut logits: Vec<f32> =
+                        sk.chunks_exact(dim).map(|k| scale * dot(k, q)).collect();
+                    let mut values = sv.clone();
+                    for r in &parts {
+                        let s = &r.stats;
+                        tel.search_ns += s.search_ns;
+                        tel.io_ns += s.io_ns;
+                        tel.lists_from_ram += s.lists_from_ram;
+                        tel.lists_from_ssd += s.lists_read - s.lists_from_ram;
+                        tel.ssd_bytes += s.ssd_bytes;
+                        tel.ssd_reads += s.ssd_reads;
+                        tel.retrieved_tokens += r.tokens.len() as u64;
+                        logits.extend(r.scores.iter().map(|s| scale * s));
+                        match &r.values {
+                            Some(v) => values.extend_from_slice(v),
+                            None => {
+                                return Err(EngineError::BadInput {
+                                    id: self.id,
+                                    problem: "search returned no values".into(),
+                                })
+                            }
+                        }
+                    }
+                    let a = attend_f32(&logits, &values, dim);
+                    tel.attention_ns += at.elapsed().as_nanos() as u64;
+                    tel.static_tokens += statics.len() as u64;
+                    outs.push(HeadOutput {
+                        output: a.output,
+                        lse: a.lse,
+                    });
+                }
+                Ok((outs, tel))
+            })
+            .collect();
+
+        let mut heads = Vec::with_capacity(spec.q_heads);
+        let mut tel = StepTelemetry {
+            position: p,
+            folding,
+            deltas: st.deltas.len() as u64,
+            ..Default::default()
+        };
+        for r in per_kv {
+            match r {
+                Ok((outs, t)) => {
+                    heads.extend(outs);
+                    tel.static_tokens += t.static_tokens;
+                    tel.retrieved_tokens += t.retrieved_tokens;
+                    tel.lists_from_ram += t.lists_from_ram;
+                    tel.lists_from_ssd += t.lists_from_ssd;
+                    tel.ssd_bytes += t.ssd_bytes;
+                    tel.ssd_reads += t.ssd_reads;
+                    tel.search_ns += t.search_ns;
+                    tel.io_ns += t.io_ns;
+                    tel.attention_ns += t.attention_ns;
+                }
+                Err(e) => {
+                    // The appended token stays (the caller's K/V were valid); a damaged list
+                    // makes every later answer suspect, so the session stops serving.
+                    if matches!(
+                        e,
+                        EngineError::Index(IndexError::Storage(_))
+                            | EngineError::Index(IndexError::Open { .. })
+                    ) {
+                        self.fail(e.to_string());
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        tel.tokens_attended = tel.static_tokens + tel.retrieved_tokens;
+        self.maybe_start_fold(layer, &mut st);
+        tel.total_ns = started.elapsed().as_nanos() as u64;
+        Ok(StepOutput {
+            heads,
+            telemetry: tel,
+        })
+    }
+
+    /// Installs a finished background fold: its tokens leave the static set.
+    fn install_fold(&self, layer: usize, st: &mut LayerState) {
+        let Some((done, slot)) = &st.fold_running else {
+            return;
+        };
+        if !done.load(Ordering::Acquire) {
+            return;
+        }
+        let result = lock(slot).take();
+        st.fold_running = None;
+        match result {
+            Some(Ok(delta)) => {
+                st.folded_upto = delta.start + delta.len;
+                st.deltas.push(delta);
+                st.fold_error = None;
+            }
+            Some(Err(e)) => {
+                log::warn!(
+                    "session {} layer {layer}: fold failed, its tokens stay static: {e}",
+                    self.id
+                );
+                st.fold_error = Some(e);
+                st.next_fold_at *= 2;
+            }
+            None => {}
+        }
+    }
+
+    /// Starts folding the old tail into a delta index once it is large enough.
+    fn maybe_start_fold(self: &Arc<Self>, layer: usize, st: &mut LayerState) {
+        let recent = self.search.recent_tokens as usize;
+        let window_start = st.len.saturating_sub(recent);
+        if st.fold_running.is_some() || window_start < st.folded_upto + st.next_fold_at {
+            return;
+        }
+        let (start, end) = (st.folded_upto, window_start);
+        let dim = self.spec.head_dim;
+        let off = start - self.base_tokens;
+        let rows: Vec<(Vec<f32>, Vec<f32>)> = (0..self.spec.kv_heads)
+            .map(|h| {
+                (
+                    st.tail.k[h][off * dim..(end - self.base_tokens) * dim].to_vec(),
+                    st.tail.v[h][off * dim..(end - self.base_tokens) * dim].to_vec(),
+                )
+            })
+            .collect();
+        let done = Arc::new(AtomicBool::new(false));
+        let slot = Arc::new(Mutex::new(None));
+        st.fold_running = Some((done.clone(), slot.clone()));
+        let me = Arc::clone(self);
+        std::thread::spawn(move || {
+            let result = me.build_delta(layer, start, end, &rows);
+            *lock(&slot) = Some(result);
+            done.store(true, Ordering::Release);
+        });
+    }
+
+    fn build_delta(
+        &self,
+        layer: usize,
+        start: usize,
+        end: usize,
+        rows: &[(Vec<f32>, Vec<f32>)],
+    ) -> FoldResult {
+        let dir = delta_dir(&self.dir, layer, start, end);
+        let input = BuildInput {
+            source: SourceInfo {
+                dump_path: format!("session {} tail {start}..{end}", self.id),
+                model: self.spec.model.clone(),
+                model_type: String::new(),
+                layers: vec![self.spec.layers[layer] as u32],
+                q_heads: self.spec.q_heads as u32,
+                kv_heads: self.spec.kv_heads as u32,
+                head_dim: self.spec.head_dim as u32,
+                tokens: (end - start) as u32,
+                softmax_scale: vec![self.spec.softmax_scale[layer]],
+                content_hash: 0,
+            },
+            heads: rows
+                .iter()
+                .map(|(k, v)| HeadArrays { keys: k, values: v })
+                .collect(),
+        };
+        build_index_from(&input, &self.build, &dir, true, &|_, _| {}).map_err(|e| e.to_string())?;
+        let index =
+            Index::open(&dir, self.reader, self.cache.clone()).map_err(|e| e.to_string())?;
+        Ok(Delta {
+            start,
+            len: end - start,
+            index: Arc::new(index),
+        })
+    }
+
+    /// Waits for every running fold and installs it (for shutdown and tests).
+    pub fn finish_folds(&self) {
+        for (l, layer) in self.layers.iter().enumerate() {
+            loop {
+                let running = lock(layer)
+                    .fold_running
+                    .as_ref()
+                    .map(|(d, _)| d.load(Ordering::Acquire));
+                match running {
+                    None => break,
+                    Some(true) => {
+                        let mut st = lock(layer);
+                        self.install_fold(l, &mut st);
+                    }
+                    Some(false) => std::thread::sleep(std::time::Duration::from_millis(5)),
+                }
+            }
+        }
+    }
+
+    pub fn fold_error(&self, layer: usize) -> Option<String> {
+        self.layers
+            .get(layer)
+            .and_then(|l| lock(l).fold_error.clone())
+    }
+}
+
+/// The K/V rows of resident position `t` of KV head `h`.
+fn row(st: &LayerState, base: usize, h: usize, t: usize, dim: usize) -> (&[f32], &[f32]) {
+    let (rows, i) = if t < st.sinks.k[h].len() / dim {
+        (&st.sinks, t)
+    } else if t >= base {
+        (&st.tail, t - base)
+    } else {
+        (&st.edge, t - st.edge_start)
+    };
+    (
+        &rows.k[h][i * dim..(i + 1) * dim],
+        &rows.v[h][i * dim..(i + 1) * dim],
+    )
+}
+
+pub(crate) fn delta_dir(session_dir: &Path, layer: usize, start: usize, end: usize) -> PathBuf {
+    session_dir.join(format!("delta-l{layer:03}-{start:010}-{end:010}"))
+}
+
+pub(crate) fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}

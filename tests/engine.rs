@@ -1,0 +1,414 @@
+//! The decode engine on real KV caches: steps against exact attention, append and fold,
+//! reuse and persistence, admission, bad input and damaged files.
+
+use std::path::Path;
+
+use strata_engine::attention::attend_logits;
+use strata_engine::{Engine, EngineError, EngineParams, SessionSpec};
+use strata_index::linalg::dot;
+use strata_index::{BuildParams, HeadArrays, SearchParams};
+use strata_storage::kvdump::KvDump;
+use strata_storage::reader::ReaderPreference;
+use strata_tests::{reduced_dump, shared_dump};
+
+const PREFILL: usize = 1536;
+
+/// A reduced SmolLM2 dump of 2048 tokens: the first 1536 are the prefill, the rest are fed
+/// as decoding steps (real keys, values and queries).
+fn dump(dir: &Path) -> Option<KvDump> {
+    let src = KvDump::open(&shared_dump("smollm2-jargon-8k.safetensors")?).unwrap();
+    let p = reduced_dump(&src, &[0, 3], 2048, &dir.join("d.safetensors"));
+    Some(KvDump::open(&p).unwrap())
+}
+
+fn spec(d: &KvDump) -> SessionSpec {
+    SessionSpec {
+        model: d.meta.model.clone(),
+        layers: d.meta.layers.clone(),
+        q_heads: d.meta.q_heads,
+        kv_heads: d.meta.kv_heads,
+        head_dim: d.meta.head_dim,
+        softmax_scale: d.meta.softmax_scale.clone(),
+        token_ids: d.token_ids[..PREFILL].to_vec(),
+    }
+}
+
+fn prefill(d: &KvDump) -> Vec<HeadArrays<'_>> {
+    let dim = d.meta.head_dim;
+    let mut out = Vec::new();
+    for l in 0..d.num_layers() {
+        for h in 0..d.meta.kv_heads {
+            out.push(HeadArrays {
+                keys: &d.keys.slice2(l, h)[..PREFILL * dim],
+                values: &d.values.slice2(l, h)[..PREFILL * dim],
+            });
+        }
+    }
+    out
+}
+
+fn engine(root: &Path, params: EngineParams, search: SearchParams) -> Engine {
+    Engine::new(
+        root,
+        params,
+        search,
+        BuildParams::default(),
+        ReaderPreference::Auto,
+    )
+    .unwrap()
+}
+
+/// The step inputs of position `p` (a real token of the dump): queries of every head (the
+/// prefill query nearest that position), and the token's own K/V.
+fn inputs(d: &KvDump, layer: usize, p: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let dim = d.meta.head_dim;
+    let qi = (p * 7) % d.query_positions.len();
+    let mut q = Vec::new();
+    for h in 0..d.meta.q_heads {
+        q.extend_from_slice(d.queries.row(layer, h, qi));
+    }
+    let mut k = Vec::new();
+    let mut v = Vec::new();
+    for h in 0..d.meta.kv_heads {
+        k.extend_from_slice(&d.keys.slice2(layer, h)[p * dim..(p + 1) * dim]);
+        v.extend_from_slice(&d.values.slice2(layer, h)[p * dim..(p + 1) * dim]);
+    }
+    (q, k, v)
+}
+
+/// Exact attention of query head `qh` over positions 0..=p.
+fn exact(d: &KvDump, layer: usize, qh: usize, q: &[f32], p: usize) -> (Vec<f32>, f32) {
+    let dim = d.meta.head_dim;
+    let kvh = d.kv_head_of(qh);
+    let keys = &d.keys.slice2(layer, kvh)[..(p + 1) * dim];
+    let values = &d.values.slice2(layer, kvh)[..(p + 1) * dim];
+    let s = d.meta.softmax_scale[layer];
+    let logits: Vec<f32> = keys.chunks_exact(dim).map(|k| s * dot(k, q)).collect();
+    let a = attend_logits(&logits, values, dim);
+    (a.output, a.lse)
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn full_search() -> SearchParams {
+    SearchParams {
+        budget: 1.0,
+        probe_fraction: 1.0,
+        rerank_factor: 1.0,
+        estimate_remainder: false,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn steps_with_full_budget_equal_exact_attention_through_folds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(d) = dump(tmp.path()) else { return };
+    let params = EngineParams {
+        fold_tokens: 96,
+        prefetch: false,
+        ..Default::default()
+    };
+    let e = engine(&tmp.path().join("root"), params, full_search());
+    let id = e.create_session(spec(&d), Some(&prefill(&d))).unwrap();
+    let mut folded_seen = false;
+    for p in PREFILL..PREFILL + 300 {
+        for layer in 0..2 {
+            let (q, k, v) = inputs(&d, layer, p);
+            let out = e.step(id, layer, &q, &k, &v).unwrap();
+            assert_eq!(out.telemetry.position, p);
+            folded_seen |= out.telemetry.deltas > 0;
+            if p % 50 == 0 || p == PREFILL {
+                for qh in 0..d.meta.q_heads {
+                    let (o, lse) = exact(&d, layer, qh, &q[qh * 64..(qh + 1) * 64], p);
+                    let err = rel_err(&out.heads[qh].output, &o);
+                    assert!(err < 2e-3, "p {p} layer {layer} head {qh}: error {err}");
+                    assert!((out.heads[qh].lse - lse).abs() < 2e-3);
+                }
+            }
+        }
+        if p == PREFILL + 200 {
+            e.finish_folds(id).unwrap();
+        }
+    }
+    assert!(
+        folded_seen,
+        "the old tail was never folded into a delta index"
+    );
+    assert_eq!(e.info(id).unwrap().lengths, vec![PREFILL + 300; 2]);
+}
+
+#[test]
+fn default_budget_is_close_to_exact_and_reports_tiers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(d) = dump(tmp.path()) else { return };
+    let e = engine(
+        &tmp.path().join("root"),
+        EngineParams::default(),
+        SearchParams::default(),
+    );
+    let id = e.create_session(spec(&d), Some(&prefill(&d))).unwrap();
+    let mut errs = Vec::new();
+    let mut ssd = 0;
+    let mut ram = 0;
+    for p in PREFILL..PREFILL + 40 {
+        let (q, k, v) = inputs(&d, 1, p);
+        let out = e.step(id, 1, &q, &k, &v).unwrap();
+        let t = out.telemetry;
+        assert!(t.retrieved_tokens <= (0.02 * PREFILL as f64) as u64 * d.meta.q_heads as u64);
+        assert_eq!(t.tokens_attended, t.static_tokens + t.retrieved_tokens);
+        ssd += t.lists_from_ssd;
+        ram += t.lists_from_ram;
+        for qh in 0..d.meta.q_heads {
+            let (o, _) = exact(&d, 1, qh, &q[qh * 64..(qh + 1) * 64], p);
+            errs.push(rel_err(&out.heads[qh].output, &o));
+        }
+    }
+    let mean = errs.iter().sum::<f64>() / errs.len() as f64;
+    println!("mean output error {mean:.4}, lists from ssd {ssd}, from ram {ram}");
+    // 2% of a 1536-token prefill is only 30 tokens; the shared 8K dumps reach 0.06.
+    assert!(mean < 0.3, "mean output error {mean}");
+    assert!(ssd > 0 && ram > 0);
+    let c = e.cache_stats();
+    assert!(c.prefetch_insertions + c.hits > 0);
+}
+
+#[test]
+fn bad_input_is_refused_and_the_session_stays_usable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(d) = dump(tmp.path()) else { return };
+    let e = engine(
+        &tmp.path().join("root"),
+        EngineParams::default(),
+        SearchParams::default(),
+    );
+    let id = e.create_session(spec(&d), Some(&prefill(&d))).unwrap();
+    let (q, k, v) = inputs(&d, 0, PREFILL);
+    let msg = |r: Result<_, EngineError>| match r {
+        Err(EngineError::BadInput { problem, .. }) => problem,
+        Err(other) => panic!("wrong error: {other}"),
+        Ok(_) => panic!("accepted bad input"),
+    };
+    assert!(msg(e.step(id, 0, &q[..64 * 8], &k, &v)).contains("queries"));
+    assert!(msg(e.step(id, 0, &q, &k[..64], &v)).contains("new keys"));
+    assert!(msg(e.step(id, 5, &q, &k, &v)).contains("layer slot 5"));
+    let mut nan = q.clone();
+    nan[70] = f32::NAN;
+    assert!(msg(e.step(id, 0, &nan, &k, &v)).contains("head 1, dim 6"));
+    let mut inf = v.clone();
+    inf[3] = f32::INFINITY;
+    assert!(msg(e.step(id, 0, &q, &k, &inf)).contains("new values"));
+    // Nothing was appended by the refused steps.
+    assert_eq!(e.info(id).unwrap().lengths[0], PREFILL);
+    e.step(id, 0, &q, &k, &v).unwrap();
+    assert_eq!(e.info(id).unwrap().lengths[0], PREFILL + 1);
+    // Unknown and dropped sessions.
+    assert!(matches!(
+        e.step(999, 0, &q, &k, &v),
+        Err(EngineError::UnknownSession(999))
+    ));
+    e.drop_session(id).unwrap();
+    assert!(matches!(
+        e.step(id, 0, &q, &k, &v),
+        Err(EngineError::UnknownSession(_))
+    ));
+    assert!(matches!(
+        e.drop_session(id),
+        Err(EngineError::UnknownSession(_))
+    ));
+}
+
+#[test]
+fn sessions_reuse_indexes_and_survive_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(d) = dump(tmp.path()) else { return };
+    let root = tmp.path().join("root");
+    let params = EngineParams {
+        fold_tokens: 64,
+        prefetch: false,
+        ..Default::default()
+    };
+    // Reference: one session that never restarts. Full-budget search makes the answer
+    // independent of when the background folds land.
+    let reference: Vec<Vec<f32>> = {
+        let e = engine(&tmp.path().join("ref"), params.clone(), full_search());
+        let id = e.create_session(spec(&d), Some(&prefill(&d))).unwrap();
+        (PREFILL..PREFILL + 200)
+            .map(|p| {
+                let (q, k, v) = inputs(&d, 0, p);
+                if p == PREFILL + 150 {
+                    e.finish_folds(id).unwrap();
+                }
+                e.step(id, 0, &q, &k, &v).unwrap().heads[0].output.clone()
+            })
+            .collect()
+    };
+    {
+        let e = engine(&root, params.clone(), full_search());
+        let id = e.create_session(spec(&d), Some(&prefill(&d))).unwrap();
+        assert!(!e.info(id).unwrap().reused_index);
+        for p in PREFILL..PREFILL + 150 {
+            let (q, k, v) = inputs(&d, 0, p);
+            let out = e.step(id, 0, &q, &k, &v).unwrap();
+            assert!(rel_err(&out.heads[0].output, &reference[p - PREFILL]) < 1e-5);
+        }
+        e.close_session(id).unwrap();
+    }
+    // A new engine on the same folder: no prefill needed, the tail and its deltas come back.
+    let e = engine(&root, params, full_search());
+    let id = e.create_session(spec(&d), None).unwrap();
+    let info = e.info(id).unwrap();
+    assert!(info.reused_index);
+    assert_eq!(info.lengths, vec![PREFILL + 150, PREFILL]);
+    for p in PREFILL + 150..PREFILL + 200 {
+        let (q, k, v) = inputs(&d, 0, p);
+        let out = e.step(id, 0, &q, &k, &v).unwrap();
+        assert!(
+            rel_err(&out.heads[0].output, &reference[p - PREFILL]) < 1e-5,
+            "position {p}"
+        );
+    }
+    // Another context with no prefill cannot be opened.
+    let mut other = spec(&d);
+    other.token_ids[0] += 1;
+    assert!(matches!(
+        e.create_session(other, None),
+        Err(EngineError::Spec(_))
+    ));
+}
+
+#[test]
+fn admission_control_refuses_what_the_budgets_cannot_hold() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(d) = dump(tmp.path()) else { return };
+    let small_ram = EngineParams {
+        ram_budget_bytes: 1 << 20,
+        ram_cache_bytes: 512 << 10,
+        ..Default::default()
+    };
+    let e = engine(&tmp.path().join("a"), small_ram, SearchParams::default());
+    let err = e
+        .create_session(spec(&d), Some(&prefill(&d)))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("admission") && err.contains("resident RAM"),
+        "{err}"
+    );
+    let small_disk = EngineParams {
+        disk_budget_bytes: 1 << 20,
+        ..Default::default()
+    };
+    let e = engine(&tmp.path().join("b"), small_disk, SearchParams::default());
+    let err = e
+        .create_session(spec(&d), Some(&prefill(&d)))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("admission") && err.contains("disk"), "{err}");
+    // Budgets that fit take the session; a second session over the same context is refused.
+    let e = engine(
+        &tmp.path().join("c"),
+        EngineParams::default(),
+        SearchParams::default(),
+    );
+    e.create_session(spec(&d), Some(&prefill(&d))).unwrap();
+    let err = e
+        .create_session(spec(&d), Some(&prefill(&d)))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("already open"), "{err}");
+}
+
+#[test]
+fn a_failed_fold_keeps_tokens_static_and_the_session_usable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(d) = dump(tmp.path()) else { return };
+    let params = EngineParams {
+        fold_tokens: 64,
+        prefetch: false,
+        ..Default::default()
+    };
+    let e = engine(&tmp.path().join("root"), params, full_search());
+    let id = e.create_session(spec(&d), Some(&prefill(&d))).unwrap();
+    // Block the folder the first fold will write (as a full or broken disk would).
+    let dir = e.info(id).unwrap().dir;
+    let blocked = dir.join(format!("delta-l000-{:010}-{:010}", PREFILL, PREFILL + 64));
+    std::fs::write(&blocked, b"not a folder").unwrap();
+    for p in PREFILL..PREFILL + 140 {
+        let (q, k, v) = inputs(&d, 0, p);
+        let out = e.step(id, 0, &q, &k, &v).unwrap();
+        if p == PREFILL + 129 {
+            e.finish_folds(id).unwrap();
+        }
+        if p == PREFILL + 139 {
+            let (o, _) = exact(&d, 0, 0, &q[..64], p);
+            assert!(rel_err(&out.heads[0].output, &o) < 2e-3);
+        }
+    }
+    let err = e.fold_error(id, 0).unwrap().expect("fold error recorded");
+    assert!(err.contains("delta-l000"), "{err}");
+    assert_eq!(e.info(id).unwrap().failed, None);
+}
+
+#[test]
+fn a_corrupt_posting_list_fails_the_session_with_a_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(d) = dump(tmp.path()) else { return };
+    let params = EngineParams {
+        prefetch: false,
+        ..Default::default()
+    };
+    let root = tmp.path().join("root");
+    {
+        let e = engine(&root, params.clone(), full_search());
+        e.create_session(spec(&d), Some(&prefill(&d))).unwrap();
+    }
+    // Flip one byte inside the first list of layer slot 1's segment, then reopen.
+    let session_dir = std::fs::read_dir(&root)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let seg = session_dir
+        .join("index")
+        .join(format!("layer-{:03}.seg", d.meta.layers[1]));
+    // A list holding none of the resident rows (sinks, window edge), so that the session opens.
+    let offset = {
+        let ix = strata_index::Index::open(
+            &session_dir.join("index"),
+            ReaderPreference::Auto,
+            std::sync::Arc::new(strata_storage::cache::RamCache::new(0)),
+        )
+        .unwrap();
+        let head = ix.head(1, 0).unwrap();
+        let starts = strata_index::manifest::u32s(&head.primary_start);
+        let toks = strata_index::manifest::u32s(&head.primary_tokens);
+        let l = (0..head.lists.len())
+            .find(|&l| {
+                toks[starts[l] as usize..starts[l + 1] as usize]
+                    .iter()
+                    .all(|&t| t >= 4 && (t as usize) < PREFILL - 64)
+            })
+            .unwrap();
+        head.lists[l].offset.to_native() as usize
+    };
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[offset + 100] ^= 0x10;
+    std::fs::write(&seg, &bytes).unwrap();
+    let e = engine(&root, params, full_search());
+    let id = e.create_session(spec(&d), None).unwrap();
+    let (q, k, v) = inputs(&d, 1, PREFILL);
+    let err = e.step(id, 1, &q, &k, &v).unwrap_err().to_string();
+    assert!(err.contains("checksum"), "{err}");
+    let again = e.step(id, 0, &q, &k, &v).unwrap_err();
+    assert!(
+        matches!(again, EngineError::SessionFailed { .. }),
+        "{again}"
+    );
+    assert!(e.info(id).unwrap().failed.unwrap().contains("checksum"));
+}
