@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
@@ -44,6 +44,7 @@ pub struct Engine {
     sessions: RwLock<HashMap<SessionId, Arc<Session>>>,
     next_id: AtomicU64,
     prefetch: Option<Mutex<Sender<PrefetchJob>>>,
+    prefetch_on: AtomicBool,
 }
 
 fn folder_err(path: &Path, problem: impl Into<String>) -> EngineError {
@@ -78,9 +79,23 @@ impl Engine {
             std::thread::Builder::new()
                 .name("strata-prefetch".into())
                 .spawn(move || {
-                    while let Ok(job) = rx.recv() {
-                        if let Some(s) = job.session.upgrade() {
-                            prefetch_layer(&s, job.layer, &job.queries);
+                    while let Ok(first) = rx.recv() {
+                        // Only the newest job per (session, layer) matters: older ones describe
+                        // steps that have already happened.
+                        let mut jobs = vec![first];
+                        jobs.extend(rx.try_iter());
+                        let mut latest: Vec<PrefetchJob> = Vec::new();
+                        for job in jobs.into_iter().rev() {
+                            if !latest.iter().any(|j| {
+                                j.layer == job.layer && Weak::ptr_eq(&j.session, &job.session)
+                            }) {
+                                latest.push(job);
+                            }
+                        }
+                        for job in latest {
+                            if let Some(s) = job.session.upgrade() {
+                                prefetch_layer(&s, job.layer, &job.queries);
+                            }
                         }
                     }
                 })
@@ -103,12 +118,19 @@ impl Engine {
             cache,
             sessions: RwLock::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            prefetch_on: AtomicBool::new(prefetch.is_some()),
             prefetch,
         })
     }
 
     pub fn params(&self) -> &EngineParams {
         &self.params
+    }
+
+    /// Turns prefetching on or off at run time (it needs `EngineParams::prefetch` at creation).
+    pub fn set_prefetch(&self, on: bool) {
+        self.prefetch_on
+            .store(on && self.prefetch.is_some(), Ordering::Relaxed);
     }
 
     pub fn cache_stats(&self) -> CacheStats {
@@ -314,7 +336,11 @@ impl Engine {
     ) -> EngineResult<StepOutput> {
         let session = self.session(id)?;
         let out = session.step(layer, queries, new_k, new_v)?;
-        if let Some(tx) = &self.prefetch {
+        if let Some(tx) = self
+            .prefetch
+            .as_ref()
+            .filter(|_| self.prefetch_on.load(Ordering::Relaxed))
+        {
             let job = PrefetchJob {
                 session: Arc::downgrade(&session),
                 layer,

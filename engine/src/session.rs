@@ -17,6 +17,7 @@ use strata_index::{
 use strata_storage::cache::RamCache;
 use strata_storage::reader::ReaderPreference;
 
+use crate::attention::{merge, Attended};
 use crate::cpu::attend_f32;
 use crate::error::{EngineError, EngineResult};
 
@@ -423,7 +424,23 @@ impl Session {
                             }
                         }
                     }
-                    let a = attend_f32(&logits, &values, dim);
+                    let mut a = attend_f32(&logits, &values, dim);
+                    // Estimated attention over what was not attended exactly (when the search
+                    // estimates it), merged by log-sum-exp.
+                    let rems: Vec<Attended> = parts
+                        .iter()
+                        .filter_map(|r| r.remainder.as_ref())
+                        .filter(|r| r.tokens > 0)
+                        .map(|r| Attended {
+                            output: r.output.clone(),
+                            lse: r.lse,
+                        })
+                        .collect();
+                    if !rems.is_empty() {
+                        let mut all = vec![a];
+                        all.extend(rems);
+                        a = merge(&all);
+                    }
                     tel.attention_ns += at.elapsed().as_nanos() as u64;
                     tel.static_tokens += statics.len() as u64;
                     outs.push(HeadOutput {

@@ -50,7 +50,7 @@ impl Default for BuildParams {
             kmeans_sample_per_list: 64,
             balance_penalty: 0.5,
             max_list_factor: 2.0,
-            hierarchy_threshold: 2048,
+            hierarchy_threshold: 512,
             lists_per_group: 32,
             replica_max: 2,
             replica_epsilon: 0.1,

@@ -20,7 +20,7 @@ use strata_storage::cache::{CacheKey, CacheStats, RamCache};
 use strata_storage::reader::{ReaderKind, ReaderPreference};
 use strata_storage::segment::{ListLocation, SegmentFile};
 
-use crate::codes::{ScalarQuantizer, CODE_BLOCK};
+use crate::codes::{CodeQuery, ScalarQuantizer, CODE_BLOCK};
 use crate::linalg::{dot, f16_bytes_to_f32, top_k_indices};
 use crate::manifest::{f32s, u32s, ArchivedHeadManifest, ArchivedManifest, MappedManifest};
 use crate::manifest::{LIST_HEADER_BYTES, LIST_MAGIC};
@@ -472,7 +472,7 @@ impl Index {
             if let Some(target) = params.target_mass {
                 let s_lse = match static_lse {
                     Some(s) => s,
-                    None => ctx.static_lse_from_codes(&sq, &mut stats),
+                    None => ctx.static_lse_from_codes(&sq, &cq, &mut stats),
                 };
                 attend = adaptive_count(
                     target as f64,
@@ -644,14 +644,19 @@ impl EstimateContext<'_> {
     }
 
     /// Log-sum-exp of the static tokens' logits, estimated from their key codes.
-    fn static_lse_from_codes(&self, sq: &ScalarQuantizer, stats: &mut SearchStats) -> f32 {
-        let cq = sq.query(self.q);
+    fn static_lse_from_codes(
+        &self,
+        sq: &ScalarQuantizer,
+        cq: &CodeQuery,
+        stats: &mut SearchStats,
+    ) -> f32 {
         let block_bytes = sq.block_bytes();
         let codes = self.head.codes.as_slice();
         let block_start = u32s(&self.head.code_block_start);
         let mut logits = Vec::new();
         let mut lanes = [0f32; CODE_BLOCK];
-        for l in 0..self.head.lists.len() {
+        let lists = self.head.lists.len();
+        for (l, &first_block) in block_start.iter().enumerate().take(lists) {
             let members = self.members(l);
             let idx: Vec<usize> = if self.sorted {
                 let (r, bytes) = self.ranges(members);
@@ -668,7 +673,7 @@ impl EstimateContext<'_> {
             };
             let mut scored_block = usize::MAX;
             for i in idx {
-                let block = block_start[l] as usize + i / CODE_BLOCK;
+                let block = first_block as usize + i / CODE_BLOCK;
                 if block != scored_block {
                     let at = block * block_bytes;
                     cq.score_block(&codes[at..at + block_bytes], &mut lanes);

@@ -1,6 +1,7 @@
 //! `strata`: build an index from a KV dump, evaluate retrieval against exact attention, inspect
 //! an index.
 
+mod bench;
 mod eval;
 mod inspect;
 
@@ -43,6 +44,8 @@ enum Command {
     },
     /// Run every evaluation query of the dump and compare with exact attention.
     Eval(eval::EvalArgs),
+    /// Benchmarks: `strata bench decode` (decoding steps at 32K-1M tokens vs exact attention).
+    Bench(bench::BenchArgs),
     /// Print an index's parameters and statistics (or the defaults with --defaults).
     Inspect {
         /// Index folder.
@@ -103,6 +106,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Eval(args) => eval::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Inspect {
             dir,
             defaults,

@@ -1,0 +1,789 @@
+//! `strata bench decode`: decoding steps of a Llama-3-8B-shaped session (32 query heads, 8 KV
+//! heads, head dim 128) over contexts of 32K-1M tokens, against exact CPU attention over the
+//! same KV in the same run.
+//!
+//! Keys, values and queries are resampled from the shared SmolLM2 dump: each synthetic 128-dim
+//! head concatenates two real 64-dim heads (runs of consecutive real positions, so local
+//! structure survives), plus a little noise. Queries of consecutive steps come from consecutive
+//! real query positions, so they are as similar as real decoding queries are. This is data for
+//! speed and scale; quality claims come from `strata eval` on real dumps.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+use serde::Serialize;
+use strata_engine::{Engine, EngineParams, SessionSpec};
+use strata_index::linalg::dot;
+use strata_index::params::apply_overrides;
+use strata_index::{BuildParams, HeadArrays, SearchParams};
+use strata_storage::kvdump::KvDump;
+use strata_storage::reader::{open_reader, ReadRequest, ReaderPreference};
+
+const Q_HEADS: usize = 32;
+const KV_HEADS: usize = 8;
+const DIM: usize = 128;
+const MODEL_LAYERS: usize = 32;
+/// Length of the runs of consecutive source positions a synthetic head is made of.
+const RUN: usize = 256;
+/// Noise added to resampled rows, relative to each channel's spread.
+const NOISE: f32 = 0.02;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// What to benchmark (only `decode` for now).
+    what: String,
+    /// Context sizes in tokens, comma-separated.
+    #[arg(long, default_value = "32768,131072")]
+    tokens: String,
+    /// Layers of the 32 to materialise and step (a subset keeps 1M-token runs within disk).
+    #[arg(long, default_value_t = 1)]
+    layers: usize,
+    /// Measured steps per phase (cold, warm).
+    #[arg(long, default_value_t = 48)]
+    steps: usize,
+    /// Extra steps with a small fold threshold, to measure steps while a fold runs.
+    #[arg(long, default_value_t = 400)]
+    fold_steps: usize,
+    /// The shared SmolLM2 dump the KV is resampled from.
+    #[arg(long, default_value = "../shared/data/smollm2-jargon-8k.safetensors")]
+    source: PathBuf,
+    /// Folder for the session folders (emptied first).
+    #[arg(long, default_value = "out/bench-decode")]
+    root: PathBuf,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Override a search, build or engine parameter: `--set name=value`.
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    overrides: Vec<String>,
+    /// RAM tier as a fraction of the index size for the prefetch phase (0 skips it).
+    #[arg(long, default_value_t = 0.25)]
+    tier_fraction: f64,
+    /// Skip the exact-attention baseline.
+    #[arg(long)]
+    no_exact: bool,
+}
+
+/// Synthetic layer: per KV head, `tokens × DIM` keys and values.
+struct Layer {
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+}
+
+struct Source {
+    dump: KvDump,
+    key_std: Vec<Vec<f32>>,
+    value_std: Vec<Vec<f32>>,
+}
+
+fn channel_std(rows: &[f32], dim: usize) -> Vec<f32> {
+    let n = (rows.len() / dim) as f32;
+    (0..dim)
+        .map(|d| {
+            let mean = rows.iter().skip(d).step_by(dim).sum::<f32>() / n;
+            let var = rows
+                .iter()
+                .skip(d)
+                .step_by(dim)
+                .map(|x| (x - mean).powi(2))
+                .sum::<f32>()
+                / n;
+            var.sqrt()
+        })
+        .collect()
+}
+
+impl Source {
+    fn open(path: &Path) -> Result<Source> {
+        let dump = KvDump::open(path)?;
+        if dump.meta.head_dim * 2 != DIM {
+            bail!(
+                "{}: head dim {} cannot make {DIM}-dim heads",
+                path.display(),
+                dump.meta.head_dim
+            );
+        }
+        let mut key_std = Vec::new();
+        let mut value_std = Vec::new();
+        for l in 0..dump.num_layers() {
+            for h in 0..dump.meta.kv_heads {
+                key_std.push(channel_std(dump.keys.slice2(l, h), dump.meta.head_dim));
+                value_std.push(channel_std(dump.values.slice2(l, h), dump.meta.head_dim));
+            }
+        }
+        Ok(Source {
+            dump,
+            key_std,
+            value_std,
+        })
+    }
+
+    /// The two source (layer, kv head) pairs of synthetic KV head `h` of layer `layer`.
+    fn pair(&self, layer: usize, h: usize) -> [(usize, usize); 2] {
+        let (nl, nk) = (self.dump.num_layers(), self.dump.meta.kv_heads);
+        let a = ((layer * KV_HEADS + h) % nl, h % nk);
+        let b = ((a.0 + 2) % nl, (h + 1) % nk);
+        [a, b]
+    }
+
+    /// Rows `[start, start + n)` of synthetic layer `layer`.
+    fn rows(&self, layer: usize, start: usize, n: usize, seed: u64) -> Layer {
+        let half = DIM / 2;
+        let t_src = self.dump.meta.tokens;
+        let mut keys = Vec::with_capacity(KV_HEADS);
+        let mut values = Vec::with_capacity(KV_HEADS);
+        let heads: Vec<(Vec<f32>, Vec<f32>)> = (0..KV_HEADS)
+            .into_par_iter()
+            .map(|h| {
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+                    seed ^ ((layer * 64 + h) as u64) << 32 ^ start as u64,
+                );
+                let mut k = vec![0f32; n * DIM];
+                let mut v = vec![0f32; n * DIM];
+                for (side, &(sl, sk)) in self.pair(layer, h).iter().enumerate() {
+                    let (ks, vs) = (
+                        self.dump.keys.slice2(sl, sk),
+                        self.dump.values.slice2(sl, sk),
+                    );
+                    let std_i = sl * self.dump.meta.kv_heads + sk;
+                    let mut src = rng.random_range(0..t_src);
+                    for i in 0..n {
+                        if (start + i) % RUN == 0 {
+                            src = rng.random_range(0..t_src);
+                        }
+                        let s = (src + (start + i) % RUN) % t_src;
+                        for d in 0..half {
+                            let noise_k: f32 = rng.random::<f32>() - 0.5;
+                            let noise_v: f32 = rng.random::<f32>() - 0.5;
+                            k[i * DIM + side * half + d] =
+                                ks[s * half + d] + NOISE * self.key_std[std_i][d] * noise_k;
+                            v[i * DIM + side * half + d] =
+                                vs[s * half + d] + NOISE * self.value_std[std_i][d] * noise_v;
+                        }
+                    }
+                }
+                (k, v)
+            })
+            .collect();
+        for (k, v) in heads {
+            keys.push(k);
+            values.push(v);
+        }
+        Layer { keys, values }
+    }
+
+    /// Queries of every query head for step `step` of layer `layer`.
+    fn queries(&self, layer: usize, step: usize, rng: &mut impl Rng) -> Vec<f32> {
+        let d = &self.dump;
+        let half = DIM / 2;
+        let src_group = d.group_size();
+        let qi = step % d.query_positions.len();
+        let mut out = vec![0f32; Q_HEADS * DIM];
+        for qh in 0..Q_HEADS {
+            let h = qh / (Q_HEADS / KV_HEADS);
+            for (side, &(sl, sk)) in self.pair(layer, h).iter().enumerate() {
+                let src_head = sk * src_group + qh % src_group;
+                let q = d.queries.row(sl, src_head, qi);
+                for j in 0..half {
+                    out[qh * DIM + side * half + j] =
+                        q[j] * (1.0 + NOISE * (rng.random::<f32>() - 0.5));
+                }
+            }
+        }
+        out
+    }
+}
+
+#[derive(Serialize, Default, Clone)]
+struct Phase {
+    steps: usize,
+    step_us_p50: f64,
+    step_us_p99: f64,
+    step_us_max: f64,
+    ssd_bytes_per_step: f64,
+    ssd_reads_per_step: f64,
+    ram_hit_rate: f64,
+    prefetch_hit_rate: f64,
+    search_us_per_head: f64,
+    io_us_per_head: f64,
+    attention_us_per_head: f64,
+    tokens_attended_per_head: f64,
+}
+
+#[derive(Serialize)]
+struct ContextResult {
+    tokens: usize,
+    layers: usize,
+    build_seconds: f64,
+    index_disk_bytes: u64,
+    session_resident_bytes: u64,
+    cold: Phase,
+    warm: Phase,
+    tier_limited: Vec<TierPhase>,
+    exact_us_p50: Option<f64>,
+    speedup_vs_exact_warm_p50: Option<f64>,
+    output_error_vs_exact_mean: Option<f64>,
+    fold: Option<FoldResult>,
+    disk_probe: DiskProbe,
+    peak_rss_bytes: u64,
+    source_arrays_bytes: u64,
+}
+
+#[derive(Serialize, Clone)]
+struct TierPhase {
+    prefetch: bool,
+    tier_bytes: u64,
+    #[serde(flatten)]
+    phase: Phase,
+    /// Prefetched lists that a step then used, over all lists prefetched.
+    prefetch_accuracy: f64,
+}
+
+#[derive(Serialize, Clone)]
+struct FoldResult {
+    steps: usize,
+    steps_while_folding: usize,
+    step_us_max_while_folding: f64,
+    step_us_p50_while_folding: f64,
+    step_us_max_otherwise: f64,
+    folds_installed: u64,
+}
+
+#[derive(Serialize, Clone, Default)]
+struct DiskProbe {
+    reader: String,
+    batch_reads: usize,
+    batch_bytes: u64,
+    batch_us: f64,
+    mb_per_s: f64,
+}
+
+fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    s[((s.len() - 1) as f64 * p).round() as usize]
+}
+
+fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+fn split_overrides(o: &[String]) -> Result<(SearchParams, BuildParams, EngineParams)> {
+    let names = |rows: Vec<(String, String)>| rows.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+    let sn = names(strata_index::params::param_rows(&SearchParams::default()));
+    let bn = names(strata_index::params::param_rows(&BuildParams::default()));
+    let (mut so, mut bo, mut eo) = (Vec::new(), Vec::new(), Vec::new());
+    for item in o {
+        let name = item.split_once('=').map(|(k, _)| k).unwrap_or(item);
+        if sn.iter().any(|n| n == name) {
+            so.push(item.clone());
+        } else if bn.iter().any(|n| n == name) {
+            bo.push(item.clone());
+        } else {
+            eo.push(item.clone());
+        }
+    }
+    let mut search = SearchParams {
+        budget: 0.01,
+        probe_fraction: 0.05,
+        ..Default::default()
+    };
+    search = apply_overrides(&search, &so)?;
+    let build = apply_overrides(&BuildParams::default(), &bo)?;
+    let engine = apply_overrides(&EngineParams::default(), &eo)?;
+    Ok((search, build, engine))
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    if args.what != "decode" {
+        bail!("unknown benchmark `{}` (known: decode)", args.what);
+    }
+    let sizes: Vec<usize> = args
+        .tokens
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse::<usize>()
+                .with_context(|| format!("--tokens: `{s}`"))
+        })
+        .collect::<Result<_>>()?;
+    if args.layers == 0 || args.layers > MODEL_LAYERS {
+        bail!("--layers must be in 1..={MODEL_LAYERS}");
+    }
+    let (search, build, engine_params) = split_overrides(&args.overrides)?;
+    let source = Source::open(&args.source)?;
+    println!(
+        "bench decode: Llama-3-8B shape ({Q_HEADS} q heads, {KV_HEADS} kv heads, dim {DIM}), {} of {MODEL_LAYERS} layers, budget {:.2}% + {} sink + {} recent, probe {:.0}%, RAM budget {} MiB (tier {} MiB)",
+        args.layers,
+        search.budget * 100.0,
+        search.sink_tokens,
+        search.recent_tokens,
+        search.probe_fraction * 100.0,
+        engine_params.ram_budget_bytes >> 20,
+        engine_params.ram_cache_bytes >> 20
+    );
+    let mut results = Vec::new();
+    for &tokens in &sizes {
+        results.push(run_context(
+            &args,
+            &source,
+            tokens,
+            &search,
+            &build,
+            &engine_params,
+        )?);
+    }
+    println!();
+    println!(
+        "{:>8} {:>7} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>8} {:>9} {:>8} {:>9}",
+        "tokens",
+        "build s",
+        "cold p50",
+        "cold p99",
+        "warm p50",
+        "warm p99",
+        "exact p50",
+        "speedup",
+        "err",
+        "ssdKB/st",
+        "ram hit",
+        "prefetch"
+    );
+    for r in &results {
+        println!(
+            "{:>8} {:>7.1} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>10.0} {:>8.1} {:>8.4} {:>9.0} {:>8.3} {:>9.3}",
+            r.tokens,
+            r.build_seconds,
+            r.cold.step_us_p50,
+            r.cold.step_us_p99,
+            r.warm.step_us_p50,
+            r.warm.step_us_p99,
+            r.exact_us_p50.unwrap_or(f64::NAN),
+            r.speedup_vs_exact_warm_p50.unwrap_or(f64::NAN),
+            r.output_error_vs_exact_mean.unwrap_or(f64::NAN),
+            r.cold.ssd_bytes_per_step / 1024.0,
+            r.warm.ram_hit_rate,
+            r.tier_limited.iter().find(|t| t.prefetch).map(|t| t.phase.prefetch_hit_rate).unwrap_or(f64::NAN),
+        );
+        for t in &r.tier_limited {
+            println!(
+                "{:>8}   tier {} MiB, prefetch {:<5}: p50 {:.0} us, p99 {:.0} us, RAM hit {:.3}, prefetch hit {:.3} (accuracy {:.3}), SSD {:.0} KiB/step",
+                "",
+                t.tier_bytes >> 20,
+                t.prefetch,
+                t.phase.step_us_p50,
+                t.phase.step_us_p99,
+                t.phase.ram_hit_rate,
+                t.phase.prefetch_hit_rate,
+                t.prefetch_accuracy,
+                t.phase.ssd_bytes_per_step / 1024.0
+            );
+        }
+        if let Some(f) = &r.fold {
+            println!(
+                "{:>8}   fold: {} of {} steps ran while a fold was building; max {:.0} us (p50 {:.0}) vs max {:.0} us otherwise; {} delta indexes installed",
+                "", f.steps_while_folding, f.steps, f.step_us_max_while_folding, f.step_us_p50_while_folding, f.step_us_max_otherwise, f.folds_installed
+            );
+        }
+    }
+    if let Some(path) = &args.json {
+        let v = serde_json::json!({
+            "search_params": search, "build_params": build, "engine_params": engine_params,
+            "layers": args.layers, "results": results,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&v)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn run_context(
+    args: &BenchArgs,
+    source: &Source,
+    tokens: usize,
+    search: &SearchParams,
+    build: &BuildParams,
+    engine_params: &EngineParams,
+) -> Result<ContextResult> {
+    let root = args.root.join(format!("t{tokens}"));
+    if root.exists() {
+        std::fs::remove_dir_all(&root)
+            .with_context(|| format!("cannot empty {}", root.display()))?;
+    }
+    let t0 = Instant::now();
+    let layers: Vec<Layer> = (0..args.layers)
+        .map(|l| source.rows(l, 0, tokens, 7))
+        .collect();
+    let source_bytes = (args.layers * KV_HEADS * tokens * DIM * 8) as u64;
+    eprintln!(
+        "  {tokens} tokens: synthetic KV ready in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let spec = SessionSpec {
+        model: "llama-3-8b-shaped (resampled SmolLM2)".into(),
+        layers: (0..args.layers).collect(),
+        q_heads: Q_HEADS,
+        kv_heads: KV_HEADS,
+        head_dim: DIM,
+        softmax_scale: vec![1.0 / (DIM as f32).sqrt(); args.layers],
+        token_ids: (0..tokens as i64).collect(),
+    };
+    let prefill: Vec<HeadArrays> = layers
+        .iter()
+        .flat_map(|l| {
+            l.keys
+                .iter()
+                .zip(&l.values)
+                .map(|(k, v)| HeadArrays { keys: k, values: v })
+        })
+        .collect();
+    let engine = Engine::new(
+        &root,
+        engine_params.clone(),
+        search.clone(),
+        build.clone(),
+        ReaderPreference::Auto,
+    )?;
+    let t0 = Instant::now();
+    let id = engine.create_session(spec.clone(), Some(&prefill))?;
+    let build_seconds = t0.elapsed().as_secs_f64();
+    let info = engine.info(id)?;
+    eprintln!(
+        "  {tokens} tokens: index built in {build_seconds:.1} s ({} MiB on disk)",
+        info.disk_bytes >> 20
+    );
+
+    // Steps append real-looking tokens after the prefill.
+    let steps = args.steps;
+    let extra = source.rows(0, tokens, 4 * steps + args.fold_steps + 40, 11);
+    let extra_layers: Vec<Layer> = (0..args.layers)
+        .map(|l| {
+            if l == 0 {
+                Layer {
+                    keys: extra.keys.clone(),
+                    values: extra.values.clone(),
+                }
+            } else {
+                source.rows(l, tokens, 4 * steps + args.fold_steps + 40, 11)
+            }
+        })
+        .collect();
+    let mut qrng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let mut appended = 0usize;
+    let mut errors = Vec::new();
+    let mut exact_us = Vec::new();
+    let mut step_once = |engine: &Engine,
+                         id: u64,
+                         l: usize,
+                         appended: usize,
+                         qrng: &mut rand_chacha::ChaCha8Rng,
+                         check: bool|
+     -> Result<strata_engine::StepOutput> {
+        let q = source.queries(l, appended, qrng);
+        let nk: Vec<f32> = (0..KV_HEADS)
+            .flat_map(|h| {
+                extra_layers[l].keys[h][appended * DIM..(appended + 1) * DIM]
+                    .iter()
+                    .copied()
+            })
+            .collect();
+        let nv: Vec<f32> = (0..KV_HEADS)
+            .flat_map(|h| {
+                extra_layers[l].values[h][appended * DIM..(appended + 1) * DIM]
+                    .iter()
+                    .copied()
+            })
+            .collect();
+        let out = engine.step(id, l, &q, &nk, &nv)?;
+        if check && !args.no_exact {
+            let t = Instant::now();
+            let exact = exact_attention(
+                &layers[l],
+                &extra_layers[l],
+                appended + 1,
+                &q,
+                spec.softmax_scale[l],
+            );
+            exact_us.push(t.elapsed().as_secs_f64() * 1e6);
+            for (h, e) in out.heads.iter().zip(&exact) {
+                let num: f32 = h.output.iter().zip(e).map(|(a, b)| (a - b).powi(2)).sum();
+                let den: f32 = e.iter().map(|b| b * b).sum();
+                errors.push((num / den.max(1e-30)).sqrt() as f64);
+            }
+        }
+        Ok(out)
+    };
+
+    engine.set_prefetch(false);
+    // Cold: the RAM tier is emptied before every step (segment reads are O_DIRECT, so the OS
+    // page cache does not help either).
+    let mut cold = Vec::new();
+    for _ in 0..steps {
+        for l in 0..args.layers {
+            engine.clear_cache();
+            cold.push(step_once(&engine, id, l, appended, &mut qrng, false)?.telemetry);
+        }
+        appended += 1;
+    }
+    // Warm: a few steps to fill the tier, then measured steps (everything the steps need fits
+    // the tier, so prefetch has nothing to add; it is measured below with a smaller tier).
+    for _ in 0..8 {
+        for l in 0..args.layers {
+            step_once(&engine, id, l, appended, &mut qrng, false)?;
+        }
+        appended += 1;
+    }
+    engine.reset_cache_stats();
+    let mut warm = Vec::new();
+    for _ in 0..steps {
+        for l in 0..args.layers {
+            warm.push(step_once(&engine, id, l, appended, &mut qrng, true)?.telemetry);
+        }
+        appended += 1;
+    }
+    let cache = engine.cache_stats();
+    let phase = |t: &[strata_engine::StepTelemetry], ram: f64, pre: f64| {
+        let us: Vec<f64> = t.iter().map(|x| x.total_ns as f64 / 1e3).collect();
+        let n = t.len().max(1) as f64;
+        let heads = n * Q_HEADS as f64;
+        Phase {
+            steps: t.len(),
+            step_us_p50: percentile(&us, 0.5),
+            step_us_p99: percentile(&us, 0.99),
+            step_us_max: us.iter().copied().fold(0.0, f64::max),
+            ssd_bytes_per_step: t.iter().map(|x| x.ssd_bytes as f64).sum::<f64>() / n,
+            ssd_reads_per_step: t.iter().map(|x| x.ssd_reads as f64).sum::<f64>() / n,
+            ram_hit_rate: ram,
+            prefetch_hit_rate: pre,
+            search_us_per_head: t.iter().map(|x| x.search_ns as f64).sum::<f64>() / heads / 1e3,
+            attention_us_per_head: t.iter().map(|x| x.attention_ns as f64).sum::<f64>()
+                / heads
+                / 1e3,
+            io_us_per_head: t.iter().map(|x| x.io_ns as f64).sum::<f64>() / heads / 1e3,
+            tokens_attended_per_head: t.iter().map(|x| x.tokens_attended as f64).sum::<f64>()
+                / heads,
+        }
+    };
+    let lookups = (cache.hits + cache.misses).max(1) as f64;
+    let warm_phase = phase(&warm, cache.hits as f64 / lookups, 0.0);
+    let cold_phase = phase(&cold, 0.0, 0.0);
+    let disk_probe = probe_disk(&info.dir.join("index"))?;
+    let resident = engine.info(id)?.resident_bytes;
+
+    // Prefetch: a RAM tier smaller than the index, so steps keep needing lists from the SSD;
+    // the same steps without and with prefetch.
+    engine.close_session(id)?;
+    let mut tier_limited = Vec::new();
+    if engine_params.prefetch && args.tier_fraction > 0.0 {
+        let tier = (info.disk_bytes as f64 * args.tier_fraction) as u64;
+        let ep = EngineParams {
+            ram_cache_bytes: tier,
+            prefetch: true,
+            ..engine_params.clone()
+        };
+        let e3 = Engine::new(
+            &root,
+            ep,
+            search.clone(),
+            build.clone(),
+            ReaderPreference::Auto,
+        )?;
+        let id3 = e3.create_session(spec.clone(), None)?;
+        for on in [false, true] {
+            e3.set_prefetch(on);
+            for _ in 0..8 {
+                for l in 0..args.layers {
+                    step_once(&e3, id3, l, appended, &mut qrng, false)?;
+                }
+                appended += 1;
+            }
+            e3.reset_cache_stats();
+            let mut t = Vec::new();
+            for _ in 0..steps {
+                for l in 0..args.layers {
+                    t.push(step_once(&e3, id3, l, appended, &mut qrng, false)?.telemetry);
+                }
+                appended += 1;
+            }
+            let c = e3.cache_stats();
+            let lookups = (c.hits + c.misses).max(1) as f64;
+            // Of the lists a step needed that were not already resident, the share the prefetch
+            // had brought in before the step asked.
+            let not_resident = (c.prefetch_hits + c.misses).max(1) as f64;
+            tier_limited.push(TierPhase {
+                prefetch: on,
+                tier_bytes: tier,
+                phase: phase(
+                    &t,
+                    c.hits as f64 / lookups,
+                    c.prefetch_hits as f64 / not_resident,
+                ),
+                prefetch_accuracy: c.prefetch_hits as f64 / c.prefetch_insertions.max(1) as f64,
+            });
+        }
+        e3.close_session(id3)?;
+    }
+
+    // Append with a small fold threshold: steps keep going while a fold builds in the background.
+    let fold = if args.fold_steps > 0 {
+        let fold_params = EngineParams {
+            fold_tokens: (args.fold_steps / 3).max(64) as u32,
+            ..engine_params.clone()
+        };
+        let e2 = Engine::new(
+            &root,
+            fold_params,
+            search.clone(),
+            build.clone(),
+            ReaderPreference::Auto,
+        )?;
+        e2.set_prefetch(false);
+        let id2 = e2.create_session(spec.clone(), None)?;
+        let mut lat_fold = Vec::new();
+        let mut lat_other = Vec::new();
+        let mut deltas = 0;
+        for _ in 0..args.fold_steps {
+            let q = source.queries(0, appended, &mut qrng);
+            let nk: Vec<f32> = (0..KV_HEADS)
+                .flat_map(|h| {
+                    extra_layers[0].keys[h][appended * DIM..(appended + 1) * DIM]
+                        .iter()
+                        .copied()
+                })
+                .collect();
+            let nv: Vec<f32> = (0..KV_HEADS)
+                .flat_map(|h| {
+                    extra_layers[0].values[h][appended * DIM..(appended + 1) * DIM]
+                        .iter()
+                        .copied()
+                })
+                .collect();
+            let t = e2.step(id2, 0, &q, &nk, &nv)?.telemetry;
+            deltas = deltas.max(t.deltas);
+            let us = t.total_ns as f64 / 1e3;
+            if t.folding {
+                lat_fold.push(us)
+            } else {
+                lat_other.push(us)
+            }
+            appended += 1;
+        }
+        e2.finish_folds(id2)?;
+        Some(FoldResult {
+            steps: args.fold_steps,
+            steps_while_folding: lat_fold.len(),
+            step_us_max_while_folding: lat_fold.iter().copied().fold(0.0, f64::max),
+            step_us_p50_while_folding: percentile(&lat_fold, 0.5),
+            step_us_max_otherwise: lat_other.iter().copied().fold(0.0, f64::max),
+            folds_installed: deltas,
+        })
+    } else {
+        None
+    };
+
+    drop(step_once);
+    let exact_p50 = (!exact_us.is_empty()).then(|| percentile(&exact_us, 0.5));
+    let warm_p50 = warm_phase.step_us_p50;
+    Ok(ContextResult {
+        tokens,
+        layers: args.layers,
+        build_seconds,
+        index_disk_bytes: info.disk_bytes,
+        session_resident_bytes: resident,
+        cold: cold_phase,
+        warm: warm_phase,
+        tier_limited,
+        exact_us_p50: exact_p50,
+        speedup_vs_exact_warm_p50: exact_p50.map(|e| e / warm_p50),
+        output_error_vs_exact_mean: (!errors.is_empty())
+            .then(|| errors.iter().sum::<f64>() / errors.len() as f64),
+        fold,
+        disk_probe,
+        peak_rss_bytes: peak_rss(),
+        source_arrays_bytes: source_bytes,
+    })
+}
+
+/// Exact attention of all query heads over the prefill plus `appended` tokens (f32, both cores).
+fn exact_attention(
+    prefill: &Layer,
+    extra: &Layer,
+    appended: usize,
+    q: &[f32],
+    scale: f32,
+) -> Vec<Vec<f32>> {
+    (0..Q_HEADS)
+        .into_par_iter()
+        .map(|qh| {
+            let h = qh / (Q_HEADS / KV_HEADS);
+            let qv = &q[qh * DIM..(qh + 1) * DIM];
+            let keys = prefill.keys[h]
+                .chunks_exact(DIM)
+                .chain(extra.keys[h][..appended * DIM].chunks_exact(DIM));
+            let logits: Vec<f32> = keys.map(|k| scale * dot(k, qv)).collect();
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut out = vec![0f32; DIM];
+            let mut denom = 0f32;
+            let values = prefill.values[h]
+                .chunks_exact(DIM)
+                .chain(extra.values[h][..appended * DIM].chunks_exact(DIM));
+            for (l, v) in logits.iter().zip(values) {
+                let w = (l - max).exp();
+                denom += w;
+                for (o, x) in out.iter_mut().zip(v) {
+                    *o = w.mul_add(*x, *o);
+                }
+            }
+            out.iter_mut().for_each(|o| *o /= denom);
+            out
+        })
+        .collect()
+}
+
+/// One batch of list-sized O_DIRECT reads spread over a segment: what the disk gives a cold step.
+fn probe_disk(index_dir: &Path) -> Result<DiskProbe> {
+    let seg = std::fs::read_dir(index_dir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "seg"))
+        .context("no segment file to probe")?;
+    strata_storage::reader::drop_page_cache(&seg);
+    let reader = open_reader(&seg, ReaderPreference::Auto)?;
+    let len = reader.file_len();
+    let chunk = 64 * 1024u64;
+    let n = (len / chunk).min(256) as usize;
+    let reqs: Vec<ReadRequest> = (0..n)
+        .map(|i| ReadRequest {
+            offset: (i as u64 * (len / n as u64)) / 4096 * 4096,
+            len: chunk as usize,
+        })
+        .filter(|r| r.offset + r.len as u64 <= len)
+        .collect();
+    let t = Instant::now();
+    let bufs = reader.read_batch(&reqs)?;
+    let us = t.elapsed().as_secs_f64() * 1e6;
+    let bytes: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+    Ok(DiskProbe {
+        reader: reader.kind().to_string(),
+        batch_reads: reqs.len(),
+        batch_bytes: bytes,
+        batch_us: us,
+        mb_per_s: bytes as f64 / us,
+    })
+}
