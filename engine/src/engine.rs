@@ -366,6 +366,33 @@ impl Engine {
         Ok(())
     }
 
+    /// Tier placement: reads every posting list of the session's base index into the RAM tier,
+    /// layer by layer, while the tier's budget holds them. Returns the bytes now resident.
+    pub fn preload(&self, id: SessionId) -> EngineResult<u64> {
+        let s = self.session(id)?;
+        let mut loaded = 0u64;
+        for l in 0..s.spec.layers.len() {
+            for h in 0..s.spec.kv_heads {
+                let head = s.base.head(l, h)?;
+                let bytes: u64 = head
+                    .lists
+                    .iter()
+                    .map(|x| x.padded_len.to_native() as u64)
+                    .sum();
+                if self.cache.stats().bytes + bytes > self.cache.capacity() {
+                    return Ok(loaded);
+                }
+                let ids: Vec<u32> = (0..head.lists.len() as u32).collect();
+                let mut stats = strata_index::SearchStats::default();
+                for chunk in ids.chunks(256) {
+                    s.base.fetch_lists(head, chunk, &mut stats)?;
+                }
+                loaded += bytes;
+            }
+        }
+        Ok(loaded)
+    }
+
     /// Forgets a session; its folder stays for reuse.
     pub fn drop_session(&self, id: SessionId) -> EngineResult<()> {
         self.sessions

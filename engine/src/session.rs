@@ -391,20 +391,37 @@ impl Session {
                     sv.extend_from_slice(v);
                 }
                 let mut outs = Vec::with_capacity(group);
-                for qh in h * group..(h + 1) * group {
-                    let q = &queries[qh * dim..(qh + 1) * dim];
-                    let mut parts: Vec<Retrieved> = Vec::with_capacity(1 + st_ref.deltas.len());
-                    parts.push(self.base.search(layer, h, q, base_last, &base_params)?);
-                    for d in &st_ref.deltas {
-                        let mut r = d.index.search(0, h, q, d.len - 1, &delta_params)?;
+                // The group's query heads are searched together: the lists they need are read
+                // once per index.
+                let qs: Vec<&[f32]> = (h * group..(h + 1) * group)
+                    .map(|qh| &queries[qh * dim..(qh + 1) * dim])
+                    .collect();
+                let mut per_index: Vec<Vec<Retrieved>> =
+                    Vec::with_capacity(1 + st_ref.deltas.len());
+                per_index.push(self.base.search_group(
+                    layer,
+                    h,
+                    &qs,
+                    base_last,
+                    &base_params,
+                    None,
+                )?);
+                for d in &st_ref.deltas {
+                    let mut rs = d
+                        .index
+                        .search_group(0, h, &qs, d.len - 1, &delta_params, None)?;
+                    for r in &mut rs {
                         r.tokens.iter_mut().for_each(|t| *t += d.start as u32);
-                        parts.push(r);
                     }
+                    per_index.push(rs);
+                }
+                for (gi, q) in qs.iter().enumerate() {
+                    let parts: Vec<&Retrieved> = per_index.iter().map(|rs| &rs[gi]).collect();
                     let at = Instant::now();
                     let mut logits: Vec<f32> =
                         sk.chunks_exact(dim).map(|k| scale * dot(k, q)).collect();
                     let mut values = sv.clone();
-                    for r in &parts {
+                    for r in parts.iter().copied() {
                         let s = &r.stats;
                         tel.search_ns += s.search_ns;
                         tel.io_ns += s.io_ns;

@@ -79,6 +79,39 @@ pub struct Remainder {
     pub tokens: u64,
 }
 
+/// One query's search between planning and reading its lists.
+struct Planned<'a> {
+    head: &'a ArchivedHeadManifest,
+    q: &'a [f32],
+    layer_slot: usize,
+    kv_head: usize,
+    position: usize,
+    params: &'a SearchParams,
+    static_lse: Option<f32>,
+    started: Instant,
+    dim: usize,
+    budget: usize,
+    estimate: bool,
+    scale: f32,
+    stats: SearchStats,
+    group_logit: Vec<(u32, f32)>,
+    lscores: Vec<(f32, u32)>,
+    probed_lists: usize,
+    sq: ScalarQuantizer,
+    cq: CodeQuery,
+    cand_tokens: Vec<u32>,
+    cand_lists: Vec<u32>,
+    cand_scores: Vec<f32>,
+    best: Vec<u32>,
+    need: Vec<u32>,
+}
+
+enum PlanOutcome<'a> {
+    /// Nothing to read (no budget and no estimate): the answer is already known.
+    Done(Retrieved),
+    Planned(Box<Planned<'a>>),
+}
+
 /// Source of the RAM-tier file ids of opened segments.
 static NEXT_CACHE_FILE_ID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
@@ -230,6 +263,86 @@ impl Index {
         params: &SearchParams,
         static_lse: Option<f32>,
     ) -> IndexResult<Retrieved> {
+        match self.plan(layer_slot, kv_head, q, position, params, static_lse)? {
+            PlanOutcome::Done(r) => Ok(r),
+            PlanOutcome::Planned(mut p) => {
+                let io_started = Instant::now();
+                let bufs = self.fetch_lists(p.head, &p.need, &mut p.stats)?;
+                p.stats.io_ns = io_started.elapsed().as_nanos() as u64;
+                self.finish(*p, &bufs)
+            }
+        }
+    }
+
+    /// Searches the query heads of one KV head's group together (GQA): each query is planned
+    /// on its own (centroids, codes, candidates), the union of the lists they need is read once,
+    /// then each is re-ranked exactly. Results are those of [`Index::search_with_static`] per
+    /// query; the list reads are counted in the first query's stats.
+    pub fn search_group(
+        &self,
+        layer_slot: usize,
+        kv_head: usize,
+        queries: &[&[f32]],
+        position: usize,
+        params: &SearchParams,
+        static_lses: Option<&[f32]>,
+    ) -> IndexResult<Vec<Retrieved>> {
+        let mut outs: Vec<Option<Retrieved>> = Vec::with_capacity(queries.len());
+        let mut plans = Vec::new();
+        for (i, q) in queries.iter().enumerate() {
+            let s = static_lses.and_then(|s| s.get(i).copied());
+            match self.plan(layer_slot, kv_head, q, position, params, s)? {
+                PlanOutcome::Done(r) => outs.push(Some(r)),
+                PlanOutcome::Planned(p) => {
+                    outs.push(None);
+                    plans.push((i, p));
+                }
+            }
+        }
+        if plans.is_empty() {
+            return Ok(outs.into_iter().flatten().collect());
+        }
+        let mut union: Vec<u32> = plans
+            .iter()
+            .flat_map(|(_, p)| p.need.iter().copied())
+            .collect();
+        union.sort_unstable();
+        union.dedup();
+        let head = self.head(layer_slot, kv_head)?;
+        let io_started = Instant::now();
+        let mut io_stats = SearchStats::default();
+        let bufs = self.fetch_lists(head, &union, &mut io_stats)?;
+        io_stats.io_ns = io_started.elapsed().as_nanos() as u64;
+        for (n, (i, mut p)) in plans.into_iter().enumerate() {
+            if n == 0 {
+                p.stats.io_ns = io_stats.io_ns;
+                p.stats.lists_read = io_stats.lists_read;
+                p.stats.lists_from_ram = io_stats.lists_from_ram;
+                p.stats.ssd_reads = io_stats.ssd_reads;
+                p.stats.ssd_bytes = io_stats.ssd_bytes;
+                p.stats.list_bytes = io_stats.list_bytes;
+            }
+            let mine: Vec<Arc<AlignedBuf>> = p
+                .need
+                .iter()
+                .map(|l| bufs[union.binary_search(l).unwrap_or(0)].clone())
+                .collect();
+            outs[i] = Some(self.finish(*p, &mine)?);
+        }
+        Ok(outs.into_iter().flatten().collect())
+    }
+
+    /// Steps 1 and 2 of a search: validation, the lists to probe, code scoring, the candidates
+    /// and the lists that hold them.
+    fn plan<'a>(
+        &'a self,
+        layer_slot: usize,
+        kv_head: usize,
+        q: &'a [f32],
+        position: usize,
+        params: &'a SearchParams,
+        static_lse: Option<f32>,
+    ) -> IndexResult<PlanOutcome<'a>> {
         let started = Instant::now();
         let head = self.head(layer_slot, kv_head)?;
         let qerr = |problem: String| IndexError::Query {
@@ -271,11 +384,11 @@ impl Index {
         let mut stats = SearchStats::default();
         if budget == 0 && !estimate {
             stats.search_ns = started.elapsed().as_nanos() as u64;
-            return Ok(Retrieved {
+            return Ok(PlanOutcome::Done(Retrieved {
                 stats,
                 values: Some(Vec::new()),
                 ..Default::default()
-            });
+            }));
         }
 
         // 1. Lists to probe, best centroid first.
@@ -380,21 +493,76 @@ impl Index {
         need.sort_unstable();
         need.dedup();
 
+        Ok(PlanOutcome::Planned(Box::new(Planned {
+            head,
+            q,
+            layer_slot,
+            kv_head,
+            position,
+            params,
+            static_lse,
+            started,
+            dim,
+            budget,
+            estimate,
+            scale,
+            stats,
+            group_logit,
+            lscores,
+            probed_lists,
+            sq,
+            cq,
+            cand_tokens,
+            cand_lists,
+            cand_scores,
+            best,
+            need,
+        })))
+    }
+
+    /// Steps 3 and 4: exact re-ranking from the lists read (`bufs`, in the order of
+    /// `plan.need`), the remainder estimate and the adaptive budget.
+    fn finish(&self, plan: Planned<'_>, bufs: &[Arc<AlignedBuf>]) -> IndexResult<Retrieved> {
+        let Planned {
+            head,
+            q,
+            layer_slot,
+            kv_head,
+            position,
+            params,
+            static_lse,
+            started,
+            dim,
+            budget,
+            estimate,
+            scale,
+            mut stats,
+            group_logit,
+            lscores,
+            probed_lists,
+            sq,
+            cq,
+            cand_tokens,
+            cand_lists,
+            cand_scores,
+            best,
+            need,
+        } = plan;
         // 3. Read the needed lists and re-rank every member exactly.
-        let io_started = Instant::now();
-        let bufs = self.fetch_lists(head, &need, &mut stats)?;
-        stats.io_ns = io_started.elapsed().as_nanos() as u64;
         // Only the candidates are scored exactly: the codes already ranked every probed member,
         // and re-scoring whole lists would cost full-key work for tokens the codes ruled out.
         // `wanted[t]` is 1 + the candidate index of token t, 0 when t is not a candidate.
-        let mut wanted = vec![0u32; visible];
-        for &i in &best {
-            wanted[cand_tokens[i as usize] as usize] = i + 1;
-        }
-        let mut ex_tokens: Vec<u32> = Vec::new();
-        let mut ex_scores: Vec<f32> = Vec::new();
-        let mut ex_cand: Vec<u32> = Vec::new();
-        let mut ex_rows: Vec<(u32, u32)> = Vec::new();
+        // Candidates grouped by their (primary) list, so each list's members are matched against
+        // its own few candidates; no per-query array over the whole context.
+        let mut by_list: Vec<(u32, u32, u32)> = best
+            .iter()
+            .map(|&i| (cand_lists[i as usize], cand_tokens[i as usize], i))
+            .collect();
+        by_list.sort_unstable();
+        let mut ex_tokens: Vec<u32> = Vec::with_capacity(by_list.len());
+        let mut ex_scores: Vec<f32> = Vec::with_capacity(by_list.len());
+        let mut ex_cand: Vec<u32> = Vec::with_capacity(by_list.len());
+        let mut ex_rows: Vec<(u32, u32)> = Vec::with_capacity(by_list.len());
         let mut views = Vec::with_capacity(bufs.len());
         let mut key = Vec::with_capacity(dim);
         for (bi, (buf, &l)) in bufs.iter().zip(&need).enumerate() {
@@ -404,14 +572,16 @@ impl Index {
                     .to_path_buf(),
                 problem: format!("list {l}: {problem}"),
             })?;
-            for r in 0..list.len() {
-                let t = list.id(r);
-                let tu = t as usize;
-                if tu > position || wanted[tu] == 0 {
-                    continue;
-                }
-                ex_cand.push(wanted[tu] - 1);
-                wanted[tu] = 0;
+            let from = by_list.partition_point(|c| c.0 < l);
+            let to = by_list.partition_point(|c| c.0 <= l);
+            for &(_, t, ci) in &by_list[from..to] {
+                let Some(r) = (0..list.len()).find(|&r| list.id(r) == t) else {
+                    return Err(IndexError::Open {
+                        path: self.dir.clone(),
+                        problem: format!("list {l} lacks its member {t}"),
+                    });
+                };
+                ex_cand.push(ci);
                 key.clear();
                 f16_bytes_to_f32(list.key_bytes(r), &mut key);
                 ex_tokens.push(t);

@@ -74,17 +74,19 @@ def build_prompt(model, text: str, T: int, offset: int, needle: bool, needle_fra
 
 
 def attention_from_dump(q, K, V, pos, scale, window=0):
-    """softmax(scale q.K[:p+1]) V for one head. q [Q, D]; K, V [T, D]; pos [Q].
+    """softmax(scale q.K[:p+1]) V for one head, all queries at once. q [Q, D]; K, V [T, D]; pos [Q].
 
     window > 0 restricts to the last `window` keys (a sliding-window layer's own attention;
     the kvdump format itself always means full causal attention)."""
-    out = np.empty_like(q)
-    for j, p in enumerate(pos):
-        lo = max(0, p + 1 - window) if window else 0
-        s = (K[lo : p + 1] @ q[j]) * scale
-        s = np.exp(s - s.max())
-        out[j] = (s / s.sum()) @ V[lo : p + 1]
-    return out
+    e = int(pos.max()) + 1
+    s = (q * scale) @ K[:e].T  # [Q, e]
+    j = np.arange(e)[None, :]
+    bad = j > pos[:, None]
+    if window:
+        bad |= j <= pos[:, None] - window
+    s[bad] = -np.inf
+    s = np.exp(s - s.max(axis=1, keepdims=True))
+    return (s / s.sum(axis=1, keepdims=True)) @ V[:e]
 
 
 def main():

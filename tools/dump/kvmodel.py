@@ -389,7 +389,13 @@ class Model:
         c = self.cfg
         out = []
         T = len(ids)
-        cache = [(k, v) for k, v in cache]
+        # preallocated [T + n_new] caches: no copy of the whole cache per step
+        big = []
+        for k, v in cache:
+            K = np.empty((T + n_new,) + k.shape[1:], np.float32)
+            V = np.empty((T + n_new,) + v.shape[1:], np.float32)
+            K[:T], V[:T] = k, v
+            big.append((K, V))
         for step in range(n_new):
             nxt = int(np.argmax(logits))
             out.append(nxt)
@@ -401,9 +407,9 @@ class Model:
             x = self._embed(np.array([nxt]))
             for i in range(c.n_layers):
                 q, k, v = self._qkv(i, x, np.array([p]))
-                K = np.concatenate([cache[i][0], k], 0)
-                V = np.concatenate([cache[i][1], v], 0)
-                cache[i] = (K, V)
+                K, V = big[i]
+                K[p], V[p] = k[0], v[0]
+                K, V = K[: p + 1], V[: p + 1]
                 win = self._window(i)
                 Kw, Vw = (K[-win:], V[-win:]) if win else (K, V)
                 G = c.q_heads // c.kv_heads

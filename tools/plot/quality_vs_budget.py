@@ -80,6 +80,8 @@ def collect(args):
 def draw(results, svg):
     import matplotlib
     matplotlib.use("Agg")
+    matplotlib.rcParams["svg.fonttype"] = "none"  # text as text: a small, diffable SVG
+    matplotlib.rcParams["svg.hashsalt"] = "strata"  # stable ids across redraws
     import matplotlib.pyplot as plt
 
     metrics = [
