@@ -210,6 +210,7 @@ def main():
     save_file(tensors, str(tmp), metadata=meta)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
     os.replace(tmp, out)
     if args.attn_out:
         np.savez(args.attn_out, layers=np.array(layers), positions=qpos,
