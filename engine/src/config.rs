@@ -17,6 +17,10 @@ pub struct EngineParams {
     /// Rank the lists of step t+1 with step t's queries and read them ahead on a background
     /// thread.
     pub prefetch: bool,
+    /// The prefetch plans the next step with `prefetch_margin ×` the candidates a step re-ranks:
+    /// the lists a step needs are in RAM after it anyway, so what the next, slightly different
+    /// query adds is found among the next-best candidates.
+    pub prefetch_margin: f32,
 }
 
 impl Default for EngineParams {
@@ -27,6 +31,7 @@ impl Default for EngineParams {
             disk_budget_bytes: 64 << 30,
             fold_tokens: 4096,
             prefetch: true,
+            prefetch_margin: 3.0,
         }
     }
 }

@@ -32,6 +32,7 @@ struct PrefetchJob {
     session: Weak<Session>,
     layer: usize,
     queries: Vec<f32>,
+    margin: f32,
 }
 
 pub struct Engine {
@@ -94,7 +95,7 @@ impl Engine {
                         }
                         for job in latest {
                             if let Some(s) = job.session.upgrade() {
-                                prefetch_layer(&s, job.layer, &job.queries);
+                                prefetch_layer(&s, job.layer, &job.queries, job.margin);
                             }
                         }
                     }
@@ -345,6 +346,7 @@ impl Engine {
                 session: Arc::downgrade(&session),
                 layer,
                 queries: queries.to_vec(),
+                margin: self.params.prefetch_margin,
             };
             let _ = tx.lock().unwrap_or_else(|p| p.into_inner()).send(job);
         }
@@ -436,7 +438,7 @@ fn matches_spec(ix: &Index, spec: &SessionSpec, hash: u64) -> bool {
 
 /// Reads ahead the lists the next step of `layer` will likely need: the same search with this
 /// step's queries, its cache traffic marked as prefetch.
-fn prefetch_layer(s: &Arc<Session>, layer: usize, queries: &[f32]) {
+fn prefetch_layer(s: &Arc<Session>, layer: usize, queries: &[f32], margin: f32) {
     let Some(st) = s.layers.get(layer) else {
         return;
     };
@@ -444,14 +446,20 @@ fn prefetch_layer(s: &Arc<Session>, layer: usize, queries: &[f32]) {
     let base_last = s.base_tokens - 1;
     let params = SearchParams {
         recent_tokens: (s.search.recent_tokens as usize).saturating_sub(next - base_last) as u32,
+        rerank_factor: s.search.rerank_factor * margin.max(1.0),
+        // Only the lists matter here, not the answer.
+        estimate_remainder: false,
+        target_mass: None,
         ..s.search.clone()
     };
     let dim = s.spec.head_dim;
     let group = s.spec.group_size();
     as_prefetch(|| {
-        for qh in 0..s.spec.q_heads {
-            let q = &queries[qh * dim..(qh + 1) * dim];
-            if let Err(e) = s.base.search(layer, qh / group, q, base_last, &params) {
+        for h in 0..s.spec.kv_heads {
+            let qs: Vec<&[f32]> = (h * group..(h + 1) * group)
+                .map(|qh| &queries[qh * dim..(qh + 1) * dim])
+                .collect();
+            if let Err(e) = s.base.search_group(layer, h, &qs, base_last, &params, None) {
                 log::debug!("prefetch of session {} layer {layer}: {e}", s.id);
                 return;
             }

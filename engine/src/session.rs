@@ -41,7 +41,7 @@ impl SessionSpec {
         if self.layers.is_empty() || self.q_heads == 0 || self.kv_heads == 0 || self.head_dim == 0 {
             return Err("layers, heads and head dim must be non-zero".into());
         }
-        if self.q_heads % self.kv_heads != 0 {
+        if self.q_heads.checked_rem(self.kv_heads) != Some(0) {
             return Err(format!(
                 "{} query heads are not a multiple of {} kv heads",
                 self.q_heads, self.kv_heads
@@ -157,6 +157,9 @@ pub(crate) struct Delta {
 
 type FoldResult = Result<Delta, String>;
 
+/// A fold running in the background: set when done, and where its result lands.
+pub(crate) type RunningFold = (Arc<AtomicBool>, Arc<Mutex<Option<FoldResult>>>);
+
 pub(crate) struct LayerState {
     /// Tokens in context.
     pub len: usize,
@@ -170,7 +173,7 @@ pub(crate) struct LayerState {
     pub folded_upto: usize,
     pub deltas: Vec<Delta>,
     /// A fold running in the background, with where its result lands.
-    pub fold_running: Option<(Arc<AtomicBool>, Arc<Mutex<Option<FoldResult>>>)>,
+    pub fold_running: Option<RunningFold>,
     pub fold_error: Option<String>,
     /// Unfolded tail size at which the next fold starts (grows after a failed fold).
     pub next_fold_at: usize,

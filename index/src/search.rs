@@ -108,7 +108,7 @@ struct Planned<'a> {
 
 enum PlanOutcome<'a> {
     /// Nothing to read (no budget and no estimate): the answer is already known.
-    Done(Retrieved),
+    Done(Box<Retrieved>),
     Planned(Box<Planned<'a>>),
 }
 
@@ -264,7 +264,7 @@ impl Index {
         static_lse: Option<f32>,
     ) -> IndexResult<Retrieved> {
         match self.plan(layer_slot, kv_head, q, position, params, static_lse)? {
-            PlanOutcome::Done(r) => Ok(r),
+            PlanOutcome::Done(r) => Ok(*r),
             PlanOutcome::Planned(mut p) => {
                 let io_started = Instant::now();
                 let bufs = self.fetch_lists(p.head, &p.need, &mut p.stats)?;
@@ -292,7 +292,7 @@ impl Index {
         for (i, q) in queries.iter().enumerate() {
             let s = static_lses.and_then(|s| s.get(i).copied());
             match self.plan(layer_slot, kv_head, q, position, params, s)? {
-                PlanOutcome::Done(r) => outs.push(Some(r)),
+                PlanOutcome::Done(r) => outs.push(Some(*r)),
                 PlanOutcome::Planned(p) => {
                     outs.push(None);
                     plans.push((i, p));
@@ -384,11 +384,11 @@ impl Index {
         let mut stats = SearchStats::default();
         if budget == 0 && !estimate {
             stats.search_ns = started.elapsed().as_nanos() as u64;
-            return Ok(PlanOutcome::Done(Retrieved {
+            return Ok(PlanOutcome::Done(Box::new(Retrieved {
                 stats,
                 values: Some(Vec::new()),
                 ..Default::default()
-            }));
+            })));
         }
 
         // 1. Lists to probe, best centroid first.

@@ -152,7 +152,7 @@ impl Source {
                     let std_i = sl * self.dump.meta.kv_heads + sk;
                     let mut src = rng.random_range(0..t_src);
                     for i in 0..n {
-                        if (start + i) % RUN == 0 {
+                        if (start + i).is_multiple_of(RUN) {
                             src = rng.random_range(0..t_src);
                         }
                         let s = (src + (start + i) % RUN) % t_src;
@@ -628,6 +628,7 @@ fn run_context(
                 appended += 1;
             }
             let c = e3.cache_stats();
+            log::debug!("tier phase (prefetch {on}): {c:?}");
             let lookups = (c.hits + c.misses).max(1) as f64;
             // Of the lists a step needed that were not already resident, the share the prefetch
             // had brought in before the step asked.
@@ -703,7 +704,6 @@ fn run_context(
         None
     };
 
-    drop(step_once);
     let exact_p50 = (!exact_us.is_empty()).then(|| percentile(&exact_us, 0.5));
     let warm_p50 = warm_phase.step_us_p50;
     Ok(ContextResult {
