@@ -412,3 +412,45 @@ fn a_corrupt_posting_list_fails_the_session_with_a_reason() {
     );
     assert!(e.info(id).unwrap().failed.unwrap().contains("checksum"));
 }
+
+#[test]
+fn specs_parameters_and_prefill_values_are_validated() {
+    let tmp = tempfile::tempdir().unwrap();
+    // fold_tokens 0 would fold every step.
+    let e = Engine::new(
+        &tmp.path().join("a"),
+        EngineParams {
+            fold_tokens: 0,
+            ..Default::default()
+        },
+        SearchParams::default(),
+        BuildParams::default(),
+        ReaderPreference::Auto,
+    );
+    assert!(matches!(e, Err(EngineError::Spec(m)) if m.contains("fold_tokens")));
+    let Some(d) = dump(tmp.path()) else { return };
+    let e = engine(
+        &tmp.path().join("b"),
+        EngineParams::default(),
+        SearchParams::default(),
+    );
+    // Repeated layer ids would share a segment file.
+    let mut dup = spec(&d);
+    dup.layers = vec![3, 3];
+    let err = e
+        .create_session(dup, Some(&prefill(&d)))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("repeat"), "{err}");
+    // A value beyond the f16 range of the lists is refused, not stored as infinity.
+    let mut big = d.keys.slice2(0, 0)[..PREFILL * 64].to_vec();
+    big[10] = 1e6;
+    let mut heads = prefill(&d);
+    heads[0].keys = &big;
+    let err = e
+        .create_session(spec(&d), Some(&heads))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("f16 range"), "{err}");
+    assert!(e.session_ids().is_empty());
+}

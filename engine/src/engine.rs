@@ -46,6 +46,9 @@ pub struct Engine {
     next_id: AtomicU64,
     prefetch: Option<Mutex<Sender<PrefetchJob>>>,
     prefetch_on: AtomicBool,
+    /// Held for the whole of `create_session`: the "already open" check, admission and the
+    /// build of one context must not interleave with another's.
+    creating: Mutex<()>,
 }
 
 fn folder_err(path: &Path, problem: impl Into<String>) -> EngineError {
@@ -72,6 +75,11 @@ impl Engine {
                 params.ram_cache_bytes >> 20,
                 params.ram_budget_bytes >> 20
             )));
+        }
+        if params.fold_tokens == 0 {
+            return Err(EngineError::Spec(
+                "fold_tokens must be at least 1 (0 would fold every step)".into(),
+            ));
         }
         std::fs::create_dir_all(root).map_err(|e| folder_err(root, e.to_string()))?;
         let cache = Arc::new(RamCache::new(params.ram_cache_bytes));
@@ -120,6 +128,7 @@ impl Engine {
             sessions: RwLock::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             prefetch_on: AtomicBool::new(prefetch.is_some()),
+            creating: Mutex::new(()),
             prefetch,
         })
     }
@@ -171,6 +180,7 @@ impl Engine {
         prefill: Option<&[HeadArrays]>,
     ) -> EngineResult<SessionId> {
         spec.validate().map_err(EngineError::Spec)?;
+        let _creating = self.creating.lock().unwrap_or_else(|p| p.into_inner());
         let hash = spec.content_hash();
         let dir = self.session_dir(&spec);
         let index_dir = dir.join("index");
@@ -265,8 +275,26 @@ impl Engine {
             cache: self.cache.clone(),
             reader: self.reader,
         });
-        if dir.join(TAIL_FILE).exists() {
-            load_tail(&session, &dir.join(TAIL_FILE))?;
+        let tail_path = dir.join(TAIL_FILE);
+        if tail_path.exists() {
+            if let Err(e) = load_tail(&session, &tail_path) {
+                // A tail that cannot be restored must not lock the context out for good: keep
+                // it aside for inspection and continue from the prefill.
+                let aside = dir.join(format!("{TAIL_FILE}.unusable"));
+                log::warn!(
+                    "{}: {e}; moved to {} and continuing from the prefill",
+                    tail_path.display(),
+                    aside.display()
+                );
+                let _ = std::fs::rename(&tail_path, &aside);
+                for layer in &session.layers {
+                    let mut st = layer.lock().unwrap_or_else(|p| p.into_inner());
+                    st.len = n;
+                    st.tail = Rows::new(session.spec.kv_heads);
+                    st.folded_upto = n.max(self.search.sink_tokens as usize);
+                    st.deltas.clear();
+                }
+            }
         }
         self.sessions
             .write()
@@ -369,30 +397,25 @@ impl Engine {
     }
 
     /// Tier placement: reads every posting list of the session's base index into the RAM tier,
-    /// layer by layer, while the tier's budget holds them. Returns the bytes now resident.
+    /// layer by layer, while the tier's budget holds them. Returns the bytes the tier holds.
     pub fn preload(&self, id: SessionId) -> EngineResult<u64> {
         let s = self.session(id)?;
-        let mut loaded = 0u64;
         for l in 0..s.spec.layers.len() {
             for h in 0..s.spec.kv_heads {
                 let head = s.base.head(l, h)?;
-                let bytes: u64 = head
-                    .lists
-                    .iter()
-                    .map(|x| x.padded_len.to_native() as u64)
-                    .sum();
+                // The tier holds lists at their unpadded length.
+                let bytes: u64 = head.lists.iter().map(|x| x.len.to_native() as u64).sum();
                 if self.cache.stats().bytes + bytes > self.cache.capacity() {
-                    return Ok(loaded);
+                    return Ok(self.cache.stats().bytes);
                 }
                 let ids: Vec<u32> = (0..head.lists.len() as u32).collect();
                 let mut stats = strata_index::SearchStats::default();
                 for chunk in ids.chunks(256) {
                     s.base.fetch_lists(head, chunk, &mut stats)?;
                 }
-                loaded += bytes;
             }
         }
-        Ok(loaded)
+        Ok(self.cache.stats().bytes)
     }
 
     /// Forgets a session; its folder stays for reuse.
@@ -544,7 +567,8 @@ fn load_tail(s: &Session, path: &Path) -> EngineResult<()> {
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
     for (l, (layer, th)) in s.layers.iter().zip(&header.layers).enumerate() {
-        if th.len < s.base_tokens || th.folded_upto < s.base_tokens || th.folded_upto > th.len {
+        let first = s.base_tokens.max(s.search.sink_tokens as usize);
+        if th.len < s.base_tokens || th.folded_upto < first || th.folded_upto > th.len {
             return Err(bad(&format!("layer {l}: inconsistent lengths")));
         }
         let n = (th.len - s.base_tokens) * dim;
@@ -561,10 +585,34 @@ fn load_tail(s: &Session, path: &Path) -> EngineResult<()> {
             tail.k.push(k);
             tail.v.push(v);
         }
+        // Deltas must tile [base, folded_upto) in order, none empty.
+        let mut next = s.base_tokens.max(s.search.sink_tokens as usize);
+        for &(start, len) in &th.deltas {
+            if len == 0 || start != next {
+                return Err(bad(&format!(
+                    "layer {l}: deltas do not tile the folded tail"
+                )));
+            }
+            next = start
+                .checked_add(len)
+                .ok_or_else(|| bad(&format!("layer {l}: delta past the end")))?;
+        }
+        if next != th.folded_upto {
+            return Err(bad(&format!(
+                "layer {l}: deltas end at {next}, folded prefix at {}",
+                th.folded_upto
+            )));
+        }
         let mut deltas = Vec::new();
         for &(start, len) in &th.deltas {
             let dir = delta_dir(&s.dir, l, start, start + len);
             let index = Index::open(&dir, s.reader, s.cache.clone())?;
+            if index.manifest().source.tokens.to_native() as usize != len {
+                return Err(bad(&format!(
+                    "layer {l}: delta {} holds another token count",
+                    dir.display()
+                )));
+            }
             deltas.push(Delta {
                 start,
                 len,

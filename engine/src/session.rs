@@ -41,6 +41,11 @@ impl SessionSpec {
         if self.layers.is_empty() || self.q_heads == 0 || self.kv_heads == 0 || self.head_dim == 0 {
             return Err("layers, heads and head dim must be non-zero".into());
         }
+        let mut layers = self.layers.clone();
+        layers.sort_unstable();
+        if layers.windows(2).any(|w| w[0] == w[1]) {
+            return Err(format!("layer ids {:?} repeat", self.layers));
+        }
         if self.q_heads.checked_rem(self.kv_heads) != Some(0) {
             return Err(format!(
                 "{} query heads are not a multiple of {} kv heads",
@@ -132,7 +137,7 @@ pub(crate) struct Rows {
 }
 
 impl Rows {
-    fn new(kv_heads: usize) -> Self {
+    pub(crate) fn new(kv_heads: usize) -> Self {
         Rows {
             k: vec![Vec::new(); kv_heads],
             v: vec![Vec::new(); kv_heads],
@@ -230,7 +235,7 @@ impl Session {
                 edge_start,
                 edge: edge_rows,
                 tail: Rows::new(spec.kv_heads),
-                folded_upto: n,
+                folded_upto: n.max(sinks),
                 deltas: Vec::new(),
                 fold_running: None,
                 fold_error: None,
@@ -494,14 +499,21 @@ impl Session {
                     tel.attention_ns += t.attention_ns;
                 }
                 Err(e) => {
-                    // The appended token stays (the caller's K/V were valid); a damaged list
-                    // makes every later answer suspect, so the session stops serving.
+                    // A damaged list makes every later answer suspect: the session stops
+                    // serving. Otherwise the step is undone, so that a retry appends once.
                     if matches!(
                         e,
                         EngineError::Index(IndexError::Storage(_))
                             | EngineError::Index(IndexError::Open { .. })
                     ) {
                         self.fail(e.to_string());
+                    } else {
+                        for h in 0..spec.kv_heads {
+                            let keep = st.tail.k[h].len() - dim;
+                            st.tail.k[h].truncate(keep);
+                            st.tail.v[h].truncate(keep);
+                        }
+                        st.len -= 1;
                     }
                     return Err(e);
                 }
@@ -567,7 +579,11 @@ impl Session {
         st.fold_running = Some((done.clone(), slot.clone()));
         let me = Arc::clone(self);
         std::thread::spawn(move || {
-            let result = me.build_delta(layer, start, end, &rows);
+            // A panic in the build must still report back, or the fold would never finish.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                me.build_delta(layer, start, end, &rows)
+            }))
+            .unwrap_or_else(|_| Err("the fold's build panicked".to_string()));
             *lock(&slot) = Some(result);
             done.store(true, Ordering::Release);
         });

@@ -265,6 +265,14 @@ impl<'a> BuildInput<'a> {
                 self.heads.len()
             ));
         }
+        let mut ids = s.layers.clone();
+        ids.sort_unstable();
+        if ids.windows(2).any(|w| w[0] == w[1]) {
+            return Err(format!(
+                "layer ids {:?} repeat (segments are named by layer)",
+                s.layers
+            ));
+        }
         if s.softmax_scale.len() != layers {
             return Err(format!(
                 "{} softmax scales for {layers} layers",
@@ -282,8 +290,24 @@ impl<'a> BuildInput<'a> {
                     h.values.len()
                 ));
             }
-            if let Some(j) = h.keys.iter().chain(h.values).position(|v| !v.is_finite()) {
-                return Err(format!("head {i}: non-finite value at float {j}"));
+            // Lists store f16: anything beyond its range would become infinite.
+            let f16_max = half::f16::MAX.to_f32();
+            if let Some(j) = h
+                .keys
+                .iter()
+                .chain(h.values)
+                .position(|v| !v.is_finite() || v.abs() > f16_max)
+            {
+                let v = h
+                    .keys
+                    .iter()
+                    .chain(h.values)
+                    .nth(j)
+                    .copied()
+                    .unwrap_or(f32::NAN);
+                return Err(format!(
+                    "head {i}: value {v} at float {j} is not finite or beyond the f16 range"
+                ));
             }
         }
         Ok(())

@@ -75,8 +75,6 @@ pub struct SearchParams {
     /// Candidates kept from code scoring, as a multiple of the attended budget; their lists are
     /// read and all members re-ranked with exact scores.
     pub rerank_factor: f32,
-    /// Byte budget of the RAM tier in front of the segment files.
-    pub ram_cache_bytes: u64,
     /// Adaptive budget: when set (in (0, 1]), attend the exactly scored candidates in descending
     /// score only until the *estimated* covered mass (static tokens included) reaches this
     /// target, never more than `budget` allows. None: always attend the full budget.
@@ -123,7 +121,6 @@ impl Default for SearchParams {
             recent_tokens: 64,
             probe_fraction: 0.25,
             rerank_factor: 2.0,
-            ram_cache_bytes: 256 << 20,
             target_mass: None,
             estimate_remainder: true,
             remainder_code_logits: true,

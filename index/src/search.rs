@@ -36,6 +36,8 @@ pub struct SearchStats {
     pub codes_scored: u64,
     /// Full keys scored exactly.
     pub keys_scored: u64,
+    /// Keys in the lists read (all members, replicas included): what the reads brought in.
+    pub keys_read: u64,
     pub lists_read: u64,
     pub lists_from_ram: u64,
     pub ssd_reads: u64,
@@ -88,7 +90,9 @@ struct Planned<'a> {
     position: usize,
     params: &'a SearchParams,
     static_lse: Option<f32>,
-    started: Instant,
+    /// Time spent planning; a search's time is planning + its reads + finishing, so that
+    /// queries planned together (GQA) are not charged for each other.
+    plan_ns: u64,
     dim: usize,
     budget: usize,
     estimate: bool,
@@ -136,6 +140,16 @@ impl Index {
         let mut segments = Vec::with_capacity(m.segments.len());
         for name in m.segments.iter() {
             segments.push(SegmentFile::open(&dir.join(name.as_str()), reader)?);
+        }
+        let expect = m.source.layers.len() * m.source.kv_heads.to_native() as usize;
+        if m.heads.len() != expect {
+            return Err(IndexError::Open {
+                path: manifest.path().to_path_buf(),
+                problem: format!(
+                    "{} heads, expected {expect} (layers x kv heads)",
+                    m.heads.len()
+                ),
+            });
         }
         for (i, h) in m.heads.iter().enumerate() {
             let seg = h.segment.to_native() as usize;
@@ -321,6 +335,7 @@ impl Index {
                 p.stats.ssd_reads = io_stats.ssd_reads;
                 p.stats.ssd_bytes = io_stats.ssd_bytes;
                 p.stats.list_bytes = io_stats.list_bytes;
+                p.stats.keys_read = io_stats.keys_read;
             }
             let mine: Vec<Arc<AlignedBuf>> = p
                 .need
@@ -442,7 +457,7 @@ impl Index {
             })
             .collect();
         stats.centroids_scored += lscores.len() as u64;
-        stats.centroid_bytes = stats.centroids_scored * dim as u64 * 2;
+        stats.centroid_bytes = stats.centroids_scored * dim as u64 * 4;
         lscores.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
 
         // 2. Code scoring of the probed lists' members.
@@ -501,7 +516,7 @@ impl Index {
             position,
             params,
             static_lse,
-            started,
+            plan_ns: started.elapsed().as_nanos() as u64,
             dim,
             budget,
             estimate,
@@ -523,6 +538,7 @@ impl Index {
     /// Steps 3 and 4: exact re-ranking from the lists read (`bufs`, in the order of
     /// `plan.need`), the remainder estimate and the adaptive budget.
     fn finish(&self, plan: Planned<'_>, bufs: &[Arc<AlignedBuf>]) -> IndexResult<Retrieved> {
+        let finish_started = Instant::now();
         let Planned {
             head,
             q,
@@ -531,7 +547,7 @@ impl Index {
             position,
             params,
             static_lse,
-            started,
+            plan_ns,
             dim,
             budget,
             estimate,
@@ -675,7 +691,8 @@ impl Index {
             remainder,
             stats,
         };
-        out.stats.search_ns = started.elapsed().as_nanos() as u64;
+        out.stats.search_ns =
+            plan_ns + out.stats.io_ns + finish_started.elapsed().as_nanos() as u64;
         Ok(out)
     }
 
@@ -702,6 +719,7 @@ impl Index {
                 offset: loc.offset.to_native(),
             };
             stats.list_bytes += loc.len.to_native() as u64;
+            stats.keys_read += loc.members.to_native() as u64;
             match self.cache.get(&key) {
                 Some(buf) => {
                     stats.lists_from_ram += 1;
@@ -1219,6 +1237,7 @@ fn check_head(h: &ArchivedHeadManifest, segment_len: u64) -> Result<(), String> 
             || gl.len() != lists
             || gl.iter().any(|&l| l as usize >= lists)
             || u32s(&h.group_start).iter().any(|&s| s as usize > lists)
+            || u32s(&h.group_start).windows(2).any(|w| w[0] > w[1])
         {
             return Err("second level is inconsistent".into());
         }
