@@ -377,11 +377,18 @@ impl Session {
             recent_tokens: recent.saturating_sub(p - base_last) as u32,
             ..self.search.clone()
         };
-        let delta_params = SearchParams {
-            sink_tokens: 0,
-            recent_tokens: 0,
-            ..self.search.clone()
-        };
+        // Each delta gets the same rule as the base: no sinks (those are in the base), and the
+        // window's overlap with it is static (normally none; it matters if `recent_tokens` grew
+        // since the delta was folded).
+        let delta_params: Vec<SearchParams> = st
+            .deltas
+            .iter()
+            .map(|d| SearchParams {
+                sink_tokens: 0,
+                recent_tokens: recent.saturating_sub(p - (d.start + d.len - 1)) as u32,
+                ..self.search.clone()
+            })
+            .collect();
         let folding = st.fold_running.is_some();
         let scale = spec.softmax_scale[layer];
         let group = spec.group_size();
@@ -414,10 +421,8 @@ impl Session {
                     &base_params,
                     None,
                 )?);
-                for d in &st_ref.deltas {
-                    let mut rs = d
-                        .index
-                        .search_group(0, h, &qs, d.len - 1, &delta_params, None)?;
+                for (d, dp) in st_ref.deltas.iter().zip(&delta_params) {
+                    let mut rs = d.index.search_group(0, h, &qs, d.len - 1, dp, None)?;
                     for r in &mut rs {
                         r.tokens.iter_mut().for_each(|t| *t += d.start as u32);
                     }

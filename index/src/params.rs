@@ -243,7 +243,7 @@ impl BuildParams {
     }
 }
 
-/// `(name, value)` rows of any serialisable parameter struct, in declaration order.
+/// `(name, value)` rows of any serialisable parameter struct, sorted by name.
 pub fn param_rows<T: Serialize>(params: &T) -> Vec<(String, String)> {
     match serde_json::to_value(params) {
         Ok(serde_json::Value::Object(map)) => {

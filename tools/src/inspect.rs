@@ -45,6 +45,12 @@ pub fn run(dir: Option<&Path>, defaults: bool, verify: bool) -> Result<()> {
             &baseline_defaults,
             &baseline_defaults,
         );
+        let engine_defaults = param_rows(&strata_engine::EngineParams::default());
+        print_table(
+            "engine parameters (strata bench decode / eval --set)",
+            &engine_defaults,
+            &engine_defaults,
+        );
         match strata_gpu::probe() {
             Ok(s) => println!("gpu: {s:?}"),
             Err(e) => println!("gpu: {e}"),
