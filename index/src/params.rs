@@ -119,7 +119,7 @@ impl Default for SearchParams {
             budget: 0.02,
             sink_tokens: 4,
             recent_tokens: 64,
-            probe_fraction: 0.25,
+            probe_fraction: 0.4,
             rerank_factor: 2.0,
             target_mass: None,
             estimate_remainder: true,
