@@ -16,7 +16,8 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use serde::Serialize;
-use strata_engine::{Engine, EngineParams, SessionSpec};
+use strata_engine::metrics::output_error;
+use strata_engine::{Engine, EngineParams, SessionSpec, StepTelemetry};
 use strata_index::linalg::dot;
 use strata_index::params::apply_overrides;
 use strata_index::{BuildParams, HeadArrays, SearchParams};
@@ -196,6 +197,16 @@ impl Source {
         }
         out
     }
+}
+
+/// How a bench step is run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StepMode {
+    Plain,
+    /// The RAM tier is emptied before the step.
+    Cold,
+    /// Exact attention over the same KV is computed too, for time and output error.
+    CheckedAgainstExact,
 }
 
 #[derive(Serialize, Default, Clone)]
@@ -471,61 +482,52 @@ fn run_context(
 
     // Steps append real-looking tokens after the prefill.
     let steps = args.steps;
-    let extra = source.rows(0, tokens, 4 * steps + args.fold_steps + 40, 11);
+    let extra_tokens = 4 * steps + args.fold_steps + 40;
     let extra_layers: Vec<Layer> = (0..args.layers)
-        .map(|l| {
-            if l == 0 {
-                Layer {
-                    keys: extra.keys.clone(),
-                    values: extra.values.clone(),
-                }
-            } else {
-                source.rows(l, tokens, 4 * steps + args.fold_steps + 40, 11)
-            }
-        })
+        .map(|l| source.rows(l, tokens, extra_tokens, 11))
         .collect();
     let mut qrng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
     let mut appended = 0usize;
     let mut errors = Vec::new();
     let mut exact_us = Vec::new();
-    let mut step_once = |engine: &Engine,
+    // Runs `count` steps of every layer, each appending the next synthetic token.
+    let mut run_steps = |engine: &Engine,
                          id: u64,
-                         l: usize,
-                         appended: usize,
-                         qrng: &mut rand_chacha::ChaCha8Rng,
-                         check: bool|
-     -> Result<strata_engine::StepOutput> {
-        let q = source.queries(l, appended, qrng);
-        let nk: Vec<f32> = (0..KV_HEADS)
-            .flat_map(|h| {
-                extra_layers[l].keys[h][appended * DIM..(appended + 1) * DIM]
-                    .iter()
-                    .copied()
-            })
-            .collect();
-        let nv: Vec<f32> = (0..KV_HEADS)
-            .flat_map(|h| {
-                extra_layers[l].values[h][appended * DIM..(appended + 1) * DIM]
-                    .iter()
-                    .copied()
-            })
-            .collect();
-        let out = engine.step(id, l, &q, &nk, &nv)?;
-        if check && !args.no_exact {
-            let t = Instant::now();
-            let exact = exact_attention(
-                &layers[l],
-                &extra_layers[l],
-                appended + 1,
-                &q,
-                spec.softmax_scale[l],
-            );
-            exact_us.push(t.elapsed().as_secs_f64() * 1e6);
-            for (h, e) in out.heads.iter().zip(&exact) {
-                let num: f32 = h.output.iter().zip(e).map(|(a, b)| (a - b).powi(2)).sum();
-                let den: f32 = e.iter().map(|b| b * b).sum();
-                errors.push((num / den.max(1e-30)).sqrt() as f64);
+                         count: usize,
+                         mode: StepMode|
+     -> Result<Vec<StepTelemetry>> {
+        let mut out = Vec::with_capacity(count * args.layers);
+        for _ in 0..count {
+            for l in 0..args.layers {
+                if mode == StepMode::Cold {
+                    engine.clear_cache();
+                }
+                let q = source.queries(l, appended, &mut qrng);
+                let row = |heads: &[Vec<f32>]| -> Vec<f32> {
+                    heads
+                        .iter()
+                        .flat_map(|h| h[appended * DIM..(appended + 1) * DIM].iter().copied())
+                        .collect()
+                };
+                let (nk, nv) = (row(&extra_layers[l].keys), row(&extra_layers[l].values));
+                let step = engine.step(id, l, &q, &nk, &nv)?;
+                if mode == StepMode::CheckedAgainstExact && !args.no_exact {
+                    let t = Instant::now();
+                    let exact = exact_attention(
+                        &layers[l],
+                        &extra_layers[l],
+                        appended + 1,
+                        &q,
+                        spec.softmax_scale[l],
+                    );
+                    exact_us.push(t.elapsed().as_secs_f64() * 1e6);
+                    for (h, e) in step.heads.iter().zip(&exact) {
+                        errors.push(output_error(&h.output, e));
+                    }
+                }
+                out.push(step.telemetry);
             }
+            appended += 1;
         }
         Ok(out)
     };
@@ -533,14 +535,7 @@ fn run_context(
     engine.set_prefetch(false);
     // Cold: the RAM tier is emptied before every step (segment reads are O_DIRECT, so the OS
     // page cache does not help either).
-    let mut cold = Vec::new();
-    for _ in 0..steps {
-        for l in 0..args.layers {
-            engine.clear_cache();
-            cold.push(step_once(&engine, id, l, appended, &mut qrng, false)?.telemetry);
-        }
-        appended += 1;
-    }
+    let cold = run_steps(&engine, id, steps, StepMode::Cold)?;
     // Warm: the whole index placed in the RAM tier (it fits the default tier), a few steps,
     // then measured steps. Prefetch has nothing to add here; it is measured below with a tier
     // smaller than the index.
@@ -549,22 +544,11 @@ fn run_context(
         "  {tokens} tokens: {} MiB of lists placed in the RAM tier",
         preloaded >> 20
     );
-    for _ in 0..8 {
-        for l in 0..args.layers {
-            step_once(&engine, id, l, appended, &mut qrng, false)?;
-        }
-        appended += 1;
-    }
+    run_steps(&engine, id, 8, StepMode::Plain)?;
     engine.reset_cache_stats();
-    let mut warm = Vec::new();
-    for _ in 0..steps {
-        for l in 0..args.layers {
-            warm.push(step_once(&engine, id, l, appended, &mut qrng, true)?.telemetry);
-        }
-        appended += 1;
-    }
+    let warm = run_steps(&engine, id, steps, StepMode::CheckedAgainstExact)?;
     let cache = engine.cache_stats();
-    let phase = |t: &[strata_engine::StepTelemetry], ram: f64, pre: f64| {
+    let phase = |t: &[StepTelemetry], ram: f64, pre: f64| {
         let us: Vec<f64> = t.iter().map(|x| x.total_ns as f64 / 1e3).collect();
         let n = t.len().max(1) as f64;
         let heads = n * Q_HEADS as f64;
@@ -613,20 +597,9 @@ fn run_context(
         let id3 = e3.create_session(spec.clone(), None)?;
         for on in [false, true] {
             e3.set_prefetch(on);
-            for _ in 0..8 {
-                for l in 0..args.layers {
-                    step_once(&e3, id3, l, appended, &mut qrng, false)?;
-                }
-                appended += 1;
-            }
+            run_steps(&e3, id3, 8, StepMode::Plain)?;
             e3.reset_cache_stats();
-            let mut t = Vec::new();
-            for _ in 0..steps {
-                for l in 0..args.layers {
-                    t.push(step_once(&e3, id3, l, appended, &mut qrng, false)?.telemetry);
-                }
-                appended += 1;
-            }
+            let t = run_steps(&e3, id3, steps, StepMode::Plain)?;
             let c = e3.cache_stats();
             log::debug!("tier phase (prefetch {on}): {c:?}");
             let lookups = (c.hits + c.misses).max(1) as f64;
@@ -662,35 +635,15 @@ fn run_context(
         )?;
         e2.set_prefetch(false);
         let id2 = e2.create_session(spec.clone(), None)?;
-        let mut lat_fold = Vec::new();
-        let mut lat_other = Vec::new();
-        let mut deltas = 0;
-        for _ in 0..args.fold_steps {
-            let q = source.queries(0, appended, &mut qrng);
-            let nk: Vec<f32> = (0..KV_HEADS)
-                .flat_map(|h| {
-                    extra_layers[0].keys[h][appended * DIM..(appended + 1) * DIM]
-                        .iter()
-                        .copied()
-                })
-                .collect();
-            let nv: Vec<f32> = (0..KV_HEADS)
-                .flat_map(|h| {
-                    extra_layers[0].values[h][appended * DIM..(appended + 1) * DIM]
-                        .iter()
-                        .copied()
-                })
-                .collect();
-            let t = e2.step(id2, 0, &q, &nk, &nv)?.telemetry;
-            deltas = deltas.max(t.deltas);
-            let us = t.total_ns as f64 / 1e3;
-            if t.folding {
-                lat_fold.push(us)
-            } else {
-                lat_other.push(us)
-            }
-            appended += 1;
-        }
+        let t = run_steps(&e2, id2, args.fold_steps, StepMode::Plain)?;
+        let us = |folding: bool| -> Vec<f64> {
+            t.iter()
+                .filter(|x| x.folding == folding)
+                .map(|x| x.total_ns as f64 / 1e3)
+                .collect()
+        };
+        let (lat_fold, lat_other) = (us(true), us(false));
+        let deltas = t.iter().map(|x| x.deltas).max().unwrap_or(0);
         e2.finish_folds(id2)?;
         Some(FoldResult {
             steps: args.fold_steps,
