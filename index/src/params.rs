@@ -253,6 +253,21 @@ pub fn param_rows<T: Serialize>(params: &T) -> Vec<(String, String)> {
     }
 }
 
+/// Applies the overrides whose names `params` has (see [`apply_overrides`]) and returns the
+/// others, for the next parameter struct to claim. The last struct in such a chain should use
+/// [`apply_overrides`], which rejects names nobody owns.
+pub fn apply_owned_overrides<T: Serialize + serde::de::DeserializeOwned>(
+    params: &T,
+    overrides: &[String],
+) -> Result<(T, Vec<String>), IndexError> {
+    let names: Vec<String> = param_rows(params).into_iter().map(|(k, _)| k).collect();
+    let (mine, rest): (Vec<String>, Vec<String>) = overrides.iter().cloned().partition(|o| {
+        let name = o.split_once('=').map(|(k, _)| k).unwrap_or(o);
+        names.iter().any(|n| n == name)
+    });
+    Ok((apply_overrides(params, &mine)?, rest))
+}
+
 /// Applies `name=value` overrides to a parameter struct through its serde form, so that every
 /// parameter is settable by the one name it has here.
 pub fn apply_overrides<T: Serialize + serde::de::DeserializeOwned>(

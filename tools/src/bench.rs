@@ -19,7 +19,7 @@ use serde::Serialize;
 use strata_engine::metrics::output_error;
 use strata_engine::{Engine, EngineParams, SessionSpec, StepTelemetry};
 use strata_index::linalg::dot;
-use strata_index::params::apply_overrides;
+use strata_index::params::{apply_overrides, apply_owned_overrides};
 use strata_index::{BuildParams, HeadArrays, SearchParams};
 use strata_storage::kvdump::KvDump;
 use strata_storage::reader::{open_reader, ReadRequest, ReaderPreference};
@@ -294,29 +294,17 @@ fn peak_rss() -> u64 {
         .unwrap_or(0)
 }
 
-fn split_overrides(o: &[String]) -> Result<(SearchParams, BuildParams, EngineParams)> {
-    let names = |rows: Vec<(String, String)>| rows.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
-    let sn = names(strata_index::params::param_rows(&SearchParams::default()));
-    let bn = names(strata_index::params::param_rows(&BuildParams::default()));
-    let (mut so, mut bo, mut eo) = (Vec::new(), Vec::new(), Vec::new());
-    for item in o {
-        let name = item.split_once('=').map(|(k, _)| k).unwrap_or(item);
-        if sn.iter().any(|n| n == name) {
-            so.push(item.clone());
-        } else if bn.iter().any(|n| n == name) {
-            bo.push(item.clone());
-        } else {
-            eo.push(item.clone());
-        }
-    }
-    let mut search = SearchParams {
+/// Search, build and engine parameters with the `--set` overrides applied; the bench's own
+/// search defaults are a 1% budget and a 5% probe.
+fn bench_params(o: &[String]) -> Result<(SearchParams, BuildParams, EngineParams)> {
+    let search = SearchParams {
         budget: 0.01,
         probe_fraction: 0.05,
         ..Default::default()
     };
-    search = apply_overrides(&search, &so)?;
-    let build = apply_overrides(&BuildParams::default(), &bo)?;
-    let engine = apply_overrides(&EngineParams::default(), &eo)?;
+    let (search, rest) = apply_owned_overrides(&search, o)?;
+    let (build, rest) = apply_owned_overrides(&BuildParams::default(), &rest)?;
+    let engine = apply_overrides(&EngineParams::default(), &rest)?;
     Ok((search, build, engine))
 }
 
@@ -336,7 +324,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.layers == 0 || args.layers > MODEL_LAYERS {
         bail!("--layers must be in 1..={MODEL_LAYERS}");
     }
-    let (search, build, engine_params) = split_overrides(&args.overrides)?;
+    let (search, build, engine_params) = bench_params(&args.overrides)?;
     let source = Source::open(&args.source)?;
     println!(
         "bench decode: Llama-3-8B shape ({Q_HEADS} q heads, {KV_HEADS} kv heads, dim {DIM}), {} of {MODEL_LAYERS} layers, budget {:.2}% + {} sink + {} recent, probe {:.0}%, RAM budget {} MiB (tier {} MiB)",
@@ -491,46 +479,43 @@ fn run_context(
     let mut errors = Vec::new();
     let mut exact_us = Vec::new();
     // Runs `count` steps of every layer, each appending the next synthetic token.
-    let mut run_steps = |engine: &Engine,
-                         id: u64,
-                         count: usize,
-                         mode: StepMode|
-     -> Result<Vec<StepTelemetry>> {
-        let mut out = Vec::with_capacity(count * args.layers);
-        for _ in 0..count {
-            for l in 0..args.layers {
-                if mode == StepMode::Cold {
-                    engine.clear_cache();
-                }
-                let q = source.queries(l, appended, &mut qrng);
-                let row = |heads: &[Vec<f32>]| -> Vec<f32> {
-                    heads
-                        .iter()
-                        .flat_map(|h| h[appended * DIM..(appended + 1) * DIM].iter().copied())
-                        .collect()
-                };
-                let (nk, nv) = (row(&extra_layers[l].keys), row(&extra_layers[l].values));
-                let step = engine.step(id, l, &q, &nk, &nv)?;
-                if mode == StepMode::CheckedAgainstExact && !args.no_exact {
-                    let t = Instant::now();
-                    let exact = exact_attention(
-                        &layers[l],
-                        &extra_layers[l],
-                        appended + 1,
-                        &q,
-                        spec.softmax_scale[l],
-                    );
-                    exact_us.push(t.elapsed().as_secs_f64() * 1e6);
-                    for (h, e) in step.heads.iter().zip(&exact) {
-                        errors.push(output_error(&h.output, e));
+    let mut run_steps =
+        |engine: &Engine, id: u64, count: usize, mode: StepMode| -> Result<Vec<StepTelemetry>> {
+            let mut out = Vec::with_capacity(count * args.layers);
+            for _ in 0..count {
+                for l in 0..args.layers {
+                    if mode == StepMode::Cold {
+                        engine.clear_cache();
                     }
+                    let q = source.queries(l, appended, &mut qrng);
+                    let row = |heads: &[Vec<f32>]| -> Vec<f32> {
+                        heads
+                            .iter()
+                            .flat_map(|h| h[appended * DIM..(appended + 1) * DIM].iter().copied())
+                            .collect()
+                    };
+                    let (nk, nv) = (row(&extra_layers[l].keys), row(&extra_layers[l].values));
+                    let step = engine.step(id, l, &q, &nk, &nv)?;
+                    if mode == StepMode::CheckedAgainstExact && !args.no_exact {
+                        let t = Instant::now();
+                        let exact = exact_attention(
+                            &layers[l],
+                            &extra_layers[l],
+                            appended + 1,
+                            &q,
+                            spec.softmax_scale[l],
+                        );
+                        exact_us.push(t.elapsed().as_secs_f64() * 1e6);
+                        for (h, e) in step.heads.iter().zip(&exact) {
+                            errors.push(output_error(&h.output, e));
+                        }
+                    }
+                    out.push(step.telemetry);
                 }
-                out.push(step.telemetry);
+                appended += 1;
             }
-            appended += 1;
-        }
-        Ok(out)
-    };
+            Ok(out)
+        };
 
     engine.set_prefetch(false);
     // Cold: the RAM tier is emptied before every step (segment reads are O_DIRECT, so the OS

@@ -16,7 +16,7 @@ use strata_index::baselines::hnsw::HnswIp;
 use strata_index::baselines::ivf::PlainIvf;
 use strata_index::baselines::{BaselineParams, HeadRetriever};
 use strata_index::linalg::dot;
-use strata_index::params::apply_overrides;
+use strata_index::params::{apply_overrides, apply_owned_overrides};
 #[cfg(not(feature = "faiss"))]
 use strata_index::IndexError;
 use strata_index::{Index, Retrieved, SearchParams};
@@ -247,37 +247,17 @@ fn parse_methods(s: &str) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// `--set` overrides by owner: search parameters, engine parameters (the RAM tier), and the
-/// rest for the baselines.
-fn split_overrides(overrides: &[String]) -> (Vec<String>, Vec<String>, Vec<String>) {
-    let names = |rows: Vec<(String, String)>| rows.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
-    let search = names(strata_index::params::param_rows(&SearchParams::default()));
-    let engine = names(strata_index::params::param_rows(&EngineParams::default()));
-    let (mut s, mut e, mut b) = (Vec::new(), Vec::new(), Vec::new());
-    for o in overrides {
-        let name = o.split_once('=').map(|(k, _)| k).unwrap_or(o);
-        if search.iter().any(|n| n == name) {
-            s.push(o.clone());
-        } else if engine.iter().any(|n| n == name) {
-            e.push(o.clone());
-        } else {
-            b.push(o.clone());
-        }
-    }
-    (s, e, b)
-}
-
 pub fn run(args: EvalArgs) -> Result<()> {
     let methods = parse_methods(&args.method)?;
-    let (search_over, engine_over, baseline_over) = split_overrides(&args.overrides);
-    let engine = apply_overrides(&EngineParams::default(), &engine_over)?;
-    let mut params = apply_overrides(&SearchParams::default(), &search_over)?;
+    // `--set` names go to whichever parameter struct owns them; unknown names are an error.
+    let (mut params, rest) = apply_owned_overrides(&SearchParams::default(), &args.overrides)?;
+    let (engine, rest) = apply_owned_overrides(&EngineParams::default(), &rest)?;
     params.budget = args.budget;
     if args.target_mass.is_some() {
         params.target_mass = args.target_mass;
     }
     params.validate()?;
-    let baseline = apply_overrides(&BaselineParams::default(), &baseline_over)?;
+    let baseline = apply_overrides(&BaselineParams::default(), &rest)?;
     if args.query_stride == 0 {
         bail!("--query-stride must be at least 1");
     }
