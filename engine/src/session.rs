@@ -431,9 +431,12 @@ impl Session {
                 for (gi, q) in qs.iter().enumerate() {
                     let parts: Vec<&Retrieved> = per_index.iter().map(|rs| &rs[gi]).collect();
                     let at = Instant::now();
-                    let mut logits: Vec<f32> =
+                    // Attention over each part separately (static rows, each index's retrieved
+                    // tokens, each remainder estimate), merged by log-sum-exp: no part's values
+                    // are copied.
+                    let static_logits: Vec<f32> =
                         sk.chunks_exact(dim).map(|k| scale * dot(k, q)).collect();
-                    let mut values = sv.clone();
+                    let mut pieces = vec![attend_f32(&static_logits, &sv, dim)];
                     for r in parts.iter().copied() {
                         let s = &r.stats;
                         tel.search_ns += s.search_ns;
@@ -443,34 +446,22 @@ impl Session {
                         tel.ssd_bytes += s.ssd_bytes;
                         tel.ssd_reads += s.ssd_reads;
                         tel.retrieved_tokens += r.tokens.len() as u64;
-                        logits.extend(r.scores.iter().map(|s| scale * s));
-                        match &r.values {
-                            Some(v) => values.extend_from_slice(v),
-                            None => {
-                                return Err(EngineError::BadInput {
-                                    id: self.id,
-                                    problem: "search returned no values".into(),
-                                })
-                            }
+                        let Some(values) = &r.values else {
+                            return Err(EngineError::BadInput {
+                                id: self.id,
+                                problem: "search returned no values".into(),
+                            });
+                        };
+                        let logits: Vec<f32> = r.scores.iter().map(|s| scale * s).collect();
+                        pieces.push(attend_f32(&logits, values, dim));
+                        if let Some(rem) = r.remainder.as_ref().filter(|r| r.tokens > 0) {
+                            pieces.push(Attended {
+                                output: rem.output.clone(),
+                                lse: rem.lse,
+                            });
                         }
                     }
-                    let mut a = attend_f32(&logits, &values, dim);
-                    // Estimated attention over what was not attended exactly (when the search
-                    // estimates it), merged by log-sum-exp.
-                    let rems: Vec<Attended> = parts
-                        .iter()
-                        .filter_map(|r| r.remainder.as_ref())
-                        .filter(|r| r.tokens > 0)
-                        .map(|r| Attended {
-                            output: r.output.clone(),
-                            lse: r.lse,
-                        })
-                        .collect();
-                    if !rems.is_empty() {
-                        let mut all = vec![a];
-                        all.extend(rems);
-                        a = merge(&all);
-                    }
+                    let a = merge(&pieces);
                     tel.attention_ns += at.elapsed().as_nanos() as u64;
                     tel.static_tokens += statics.len() as u64;
                     outs.push(HeadOutput {

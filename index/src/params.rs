@@ -181,6 +181,12 @@ impl SearchParams {
         Ok(())
     }
 
+    /// Whether a search builds the remainder estimate (asked for, or needed by the adaptive
+    /// budget).
+    pub fn estimates(&self) -> bool {
+        self.estimate_remainder || self.target_mass.is_some()
+    }
+
     /// Most tokens beyond the static ones that a query at `position` may attend.
     pub fn budget_tokens(&self, position: usize) -> usize {
         ((self.budget as f64) * (position as f64 + 1.0)).floor() as usize

@@ -93,9 +93,6 @@ struct Planned<'a> {
     /// Time spent planning; a search's time is planning + its reads + finishing, so that
     /// queries planned together (GQA) are not charged for each other.
     plan_ns: u64,
-    dim: usize,
-    budget: usize,
-    estimate: bool,
     scale: f32,
     stats: SearchStats,
     group_logit: Vec<(u32, f32)>,
@@ -395,7 +392,7 @@ impl Index {
         };
         let visible = position + 1;
         let budget = params.budget_tokens(position);
-        let estimate = params.estimate_remainder || params.target_mass.is_some();
+        let estimate = params.estimates();
         let mut stats = SearchStats::default();
         if budget == 0 && !estimate {
             stats.search_ns = started.elapsed().as_nanos() as u64;
@@ -517,9 +514,6 @@ impl Index {
             params,
             static_lse,
             plan_ns: started.elapsed().as_nanos() as u64,
-            dim,
-            budget,
-            estimate,
             scale,
             stats,
             group_logit,
@@ -548,9 +542,6 @@ impl Index {
             params,
             static_lse,
             plan_ns,
-            dim,
-            budget,
-            estimate,
             scale,
             mut stats,
             group_logit,
@@ -564,6 +555,10 @@ impl Index {
             best,
             need,
         } = plan;
+        // Derived again rather than carried: the same facts plan() computed.
+        let dim = q.len();
+        let budget = params.budget_tokens(position);
+        let estimate = params.estimates();
         // 3. Read the needed lists and re-rank every member exactly.
         // Only the candidates are scored exactly: the codes already ranked every probed member,
         // and re-scoring whole lists would cost full-key work for tokens the codes ruled out.
