@@ -11,7 +11,7 @@ use strata_index::{build_index, BuildParams, Index, IndexError, Retrieved};
 use strata_storage::cache::RamCache;
 use strata_storage::kvdump::KvDump;
 use strata_storage::reader::ReaderPreference;
-use strata_tests::{reduced_dump, shared_dump};
+use strata_tests::{attend_everything, reduced_dump, shared_dump};
 
 /// A reduced SmolLM2 dump (layers 0 and 2 of the file, 2048 tokens) and its index.
 fn fixture(dir: &Path) -> Option<(KvDump, std::path::PathBuf)> {
@@ -38,12 +38,7 @@ fn full_budget_search_equals_exact_ranking() {
         return;
     };
     let index = open(&dir).unwrap();
-    let params = SearchParams {
-        budget: 1.0,
-        probe_fraction: 1.0,
-        rerank_factor: 1.0,
-        ..Default::default()
-    };
+    let params = attend_everything();
     let dim = dump.meta.head_dim;
     for l in 0..dump.num_layers() {
         for qi in [
@@ -390,12 +385,7 @@ fn remainder_is_neutral_when_everything_is_attended() {
         return;
     };
     let index = open(&dir).unwrap();
-    let params = SearchParams {
-        budget: 1.0,
-        probe_fraction: 1.0,
-        rerank_factor: 1.0,
-        ..Default::default()
-    };
+    let params = attend_everything();
     for qi in [0, dump.query_positions.len() - 1] {
         let p = dump.query_positions[qi];
         let r = index

@@ -9,7 +9,7 @@ use strata_index::linalg::dot;
 use strata_index::{BuildParams, HeadArrays, SearchParams};
 use strata_storage::kvdump::KvDump;
 use strata_storage::reader::ReaderPreference;
-use strata_tests::{reduced_dump, shared_dump};
+use strata_tests::{attend_everything, reduced_dump, shared_dump};
 
 const PREFILL: usize = 1536;
 
@@ -96,11 +96,8 @@ fn rel_err(a: &[f32], b: &[f32]) -> f64 {
 
 fn full_search() -> SearchParams {
     SearchParams {
-        budget: 1.0,
-        probe_fraction: 1.0,
-        rerank_factor: 1.0,
         estimate_remainder: false,
-        ..Default::default()
+        ..attend_everything()
     }
 }
 

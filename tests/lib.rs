@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use strata_index::SearchParams;
 use strata_storage::kvdump::{write_kvdump, KvDump, Tensor4};
 
 /// A file of `../shared/data/`, or None (with a printed reason) when it is not there.
@@ -77,4 +78,15 @@ pub fn reduced_dump(src: &KvDump, layers: &[usize], tokens: usize, out: &Path) -
     )
     .expect("write reduced dump");
     out.to_path_buf()
+}
+
+/// Search parameters under which every visible, non-static token is probed, re-ranked and
+/// attended: the search must then agree with exact attention.
+pub fn attend_everything() -> SearchParams {
+    SearchParams {
+        budget: 1.0,
+        probe_fraction: 1.0,
+        rerank_factor: 1.0,
+        ..Default::default()
+    }
 }

@@ -16,6 +16,8 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use serde::Serialize;
+use strata_engine::attention::merge;
+use strata_engine::cpu::attend_f32;
 use strata_engine::metrics::output_error;
 use strata_engine::{Engine, EngineParams, SessionSpec, StepTelemetry};
 use strata_index::linalg::dot;
@@ -664,7 +666,8 @@ fn run_context(
     })
 }
 
-/// Exact attention of all query heads over the prefill plus `appended` tokens (f32, both cores).
+/// Exact attention of all query heads over the prefill plus `appended` tokens (f32, both cores):
+/// the two parts attended separately and merged by log-sum-exp, so nothing is copied.
 fn exact_attention(
     prefill: &Layer,
     extra: &Layer,
@@ -677,25 +680,16 @@ fn exact_attention(
         .map(|qh| {
             let h = qh / (Q_HEADS / KV_HEADS);
             let qv = &q[qh * DIM..(qh + 1) * DIM];
-            let keys = prefill.keys[h]
-                .chunks_exact(DIM)
-                .chain(extra.keys[h][..appended * DIM].chunks_exact(DIM));
-            let logits: Vec<f32> = keys.map(|k| scale * dot(k, qv)).collect();
-            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut out = vec![0f32; DIM];
-            let mut denom = 0f32;
-            let values = prefill.values[h]
-                .chunks_exact(DIM)
-                .chain(extra.values[h][..appended * DIM].chunks_exact(DIM));
-            for (l, v) in logits.iter().zip(values) {
-                let w = (l - max).exp();
-                denom += w;
-                for (o, x) in out.iter_mut().zip(v) {
-                    *o = w.mul_add(*x, *o);
-                }
-            }
-            out.iter_mut().for_each(|o| *o /= denom);
-            out
+            let part = |keys: &[f32], values: &[f32]| {
+                let logits: Vec<f32> = keys.chunks_exact(DIM).map(|k| scale * dot(k, qv)).collect();
+                attend_f32(&logits, values, DIM)
+            };
+            let n = appended * DIM;
+            merge(&[
+                part(&prefill.keys[h], &prefill.values[h]),
+                part(&extra.keys[h][..n], &extra.values[h][..n]),
+            ])
+            .output
         })
         .collect()
 }

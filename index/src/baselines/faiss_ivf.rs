@@ -7,7 +7,7 @@ use faiss::index::flat::FlatIndexImpl;
 use faiss::index::ivf_flat::IVFFlatIndexImpl;
 use faiss::Index;
 
-use super::{BaselineParams, HeadRetriever};
+use super::{neighbours_wanted, BaselineParams, HeadRetriever};
 use crate::params::SearchParams;
 use crate::search::SearchStats;
 use crate::{IndexError, IndexResult};
@@ -63,7 +63,7 @@ impl HeadRetriever for FaissIvfFlat<'_> {
         let nprobe = ((self.scan_factor as f64 * budget as f64) / avg)
             .ceil()
             .clamp(1.0, self.nlist as f64) as u32;
-        let want = budget + params.static_tokens(position).len() + (n - position - 1);
+        let want = neighbours_wanted(n, position, budget, params);
         let res = {
             let mut index = self.index.lock().map_err(|_| IndexError::Baseline {
                 name: "ivf-faiss",

@@ -5,7 +5,7 @@
 
 use hnsw_rs::prelude::{DistL2, Hnsw};
 
-use super::{BaselineParams, HeadRetriever};
+use super::{neighbours_wanted, BaselineParams, HeadRetriever};
 use crate::linalg::norm_sq;
 use crate::params::SearchParams;
 use crate::search::SearchStats;
@@ -65,8 +65,7 @@ impl HeadRetriever for HnswIp<'_> {
         params: &SearchParams,
     ) -> IndexResult<(Vec<u32>, SearchStats)> {
         let n = self.keys.len() / self.dim;
-        // Ask for enough neighbours that `budget` remain after dropping static and future keys.
-        let want = budget + params.static_tokens(position).len() + (n - position - 1);
+        let want = neighbours_wanted(n, position, budget, params);
         let mut qa = q.to_vec();
         qa.push(0.0);
         let found = self.graph.search(&qa, want, self.ef_search.max(want));

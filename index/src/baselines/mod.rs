@@ -47,6 +47,17 @@ impl Default for BaselineParams {
     }
 }
 
+/// How many nearest neighbours an ANN baseline must ask for so that `budget` remain after the
+/// static tokens and the keys after `position` are dropped (the indexes hold all `tokens`).
+pub(crate) fn neighbours_wanted(
+    tokens: usize,
+    position: usize,
+    budget: usize,
+    params: &SearchParams,
+) -> usize {
+    budget + params.static_tokens(position).len() + (tokens - position - 1)
+}
+
 /// One (layer, KV head) prepared by a method, answering queries of its query heads. A method
 /// only proposes candidate tokens; `retrieve` re-ranks them exactly against the same keys and
 /// keeps the best `budget`, so that the baselines differ only in what they propose.
