@@ -33,14 +33,20 @@ fn spec(d: &KvDump) -> SessionSpec {
     }
 }
 
+/// The prefill's keys and values, and, for query-aware clustering, the queries the dump has at
+/// prefill positions (of the first query head of each group: a contiguous block).
 fn prefill(d: &KvDump) -> Vec<HeadArrays<'_>> {
     let dim = d.meta.head_dim;
+    let group = d.meta.q_heads / d.meta.kv_heads;
+    assert!(d.query_positions.windows(2).all(|w| w[0] <= w[1]));
+    let before = d.query_positions.partition_point(|&p| p < PREFILL);
     let mut out = Vec::new();
     for l in 0..d.num_layers() {
         for h in 0..d.meta.kv_heads {
             out.push(HeadArrays {
                 keys: &d.keys.slice2(l, h)[..PREFILL * dim],
                 values: &d.values.slice2(l, h)[..PREFILL * dim],
+                queries: &d.queries.slice2(l, h * group)[..before * dim],
             });
         }
     }

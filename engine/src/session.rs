@@ -608,7 +608,12 @@ impl Session {
             },
             heads: rows
                 .iter()
-                .map(|(k, v)| HeadArrays { keys: k, values: v })
+                // Folded tokens are clustered by key distance: the session keeps no queries.
+                .map(|(k, v)| HeadArrays {
+                    keys: k,
+                    values: v,
+                    queries: &[],
+                })
                 .collect(),
         };
         build_index_from(&input, &self.build, &dir, true, &|_, _| {}).map_err(|e| e.to_string())?;

@@ -18,8 +18,10 @@ use crate::codes::{ScalarQuantizer, CODE_BLOCK};
 use crate::kmeans::{balanced_kmeans, hierarchical_kmeans, Hierarchy, KMeansConfig};
 use crate::linalg::norm_sq;
 use crate::manifest::{
-    self, HeadManifest, ListLoc, Manifest, SourceInfo, INDEX_FILE, LIST_HEADER_BYTES, LIST_MAGIC,
+    self, encode_centroids, to_f16_bits, HeadManifest, ListLoc, Manifest, SourceInfo, INDEX_FILE,
+    LIST_HEADER_BYTES, LIST_MAGIC,
 };
+use crate::metric::QueryMetric;
 use crate::params::BuildParams;
 use crate::{IndexError, IndexResult};
 
@@ -44,13 +46,12 @@ struct HeadBuild {
     members: Vec<Vec<u32>>,
 }
 
-fn build_head(
-    keys: &[f32],
-    values: &[f32],
-    dim: usize,
-    params: &BuildParams,
-    seed: u64,
-) -> HeadBuild {
+fn build_head(arrays: HeadArrays, dim: usize, params: &BuildParams, seed: u64) -> HeadBuild {
+    let HeadArrays {
+        keys,
+        values,
+        queries,
+    } = arrays;
     let n = keys.len() / dim;
     let k = n.div_ceil(params.list_size as usize).max(1);
     let cfg = KMeansConfig {
@@ -59,16 +60,48 @@ fn build_head(
         balance_penalty: params.balance_penalty,
         capacity: ((params.list_size as f32) * params.max_list_factor).ceil() as usize,
     };
-    let (km, hierarchy) = if k > params.hierarchy_threshold as usize {
-        hierarchical_kmeans(keys, dim, k, &cfg, params.lists_per_group as usize, seed)
+    let metric = if params.query_aware {
+        QueryMetric::fit(queries, dim, params.query_metric_ridge)
+    } else {
+        None
+    };
+    // Clustering space: the keys themselves, or the keys under the query metric.
+    let transformed = metric.as_ref().map(|m| m.transform(keys));
+    let space = transformed.as_deref().unwrap_or(keys);
+    let (km, mut hierarchy) = if k > params.hierarchy_threshold as usize {
+        hierarchical_kmeans(space, dim, k, &cfg, params.lists_per_group as usize, seed)
     } else {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         (
-            balanced_kmeans(keys, dim, k, &cfg, &mut rng),
+            balanced_kmeans(space, dim, k, &cfg, &mut rng),
             Hierarchy::default(),
         )
     };
     let k = km.k;
+    let identity: Vec<u32> = (0..k as u32).collect();
+    let groups = hierarchy.group_start.len().saturating_sub(1);
+    let mut group_of_list = vec![0u32; k];
+    for g in 0..groups {
+        let (a, b) = (hierarchy.group_start[g], hierarchy.group_start[g + 1]);
+        for &l in &hierarchy.group_lists[a as usize..b as usize] {
+            group_of_list[l as usize] = g as u32;
+        }
+    }
+    let group_value_means = if groups > 0 {
+        to_f16_bits(&mean_rows(values, dim, &km.assign, &group_of_list, groups))
+    } else {
+        Vec::new()
+    };
+    // Search scores centroids against raw queries, so they are the means of the raw keys; under
+    // the plain metric those are the k-means centroids already.
+    let centroids = if transformed.is_some() {
+        if groups > 0 {
+            hierarchy.group_centroids = mean_rows(keys, dim, &km.assign, &group_of_list, groups);
+        }
+        mean_rows(keys, dim, &km.assign, &identity, k)
+    } else {
+        km.centroids.clone()
+    };
 
     let mut primary: Vec<Vec<u32>> = vec![Vec::new(); k];
     for (t, &a) in km.assign.iter().enumerate() {
@@ -86,22 +119,16 @@ fn build_head(
         }
     }
 
-    let mut value_sums = vec![0f32; k * dim];
+    let value_means = mean_rows(values, dim, &km.assign, &identity, k);
     let mut radius = vec![0f32; k];
     let mut max_key_norm = vec![0f32; k];
     for j in 0..k {
-        let c = &km.centroids[j * dim..(j + 1) * dim];
+        let c = &centroids[j * dim..(j + 1) * dim];
         for &t in &primary[j] {
             let t = t as usize;
             let key = &keys[t * dim..(t + 1) * dim];
             let d2: f32 = key.iter().zip(c).map(|(a, b)| (a - b) * (a - b)).sum();
             radius[j] = radius[j].max(d2.sqrt());
-            for (s, v) in value_sums[j * dim..(j + 1) * dim]
-                .iter_mut()
-                .zip(&values[t * dim..(t + 1) * dim])
-            {
-                *s += v;
-            }
         }
         for &t in primary[j].iter().chain(&replica[j]) {
             let t = t as usize;
@@ -109,6 +136,8 @@ fn build_head(
         }
     }
 
+    let (csq, centroid_codes, group_centroid_codes) =
+        encode_centroids(&centroids, &hierarchy.group_centroids, dim);
     let sq = ScalarQuantizer::fit(keys, dim, params.code_bits);
     let mut codes = Vec::with_capacity(n * sq.code_bytes() * 5 / 4);
     let mut code_block_start = vec![0u32];
@@ -144,12 +173,15 @@ fn build_head(
             tokens: n as u32,
             dim: dim as u32,
             segment: 0,
-            centroids: km.centroids,
+            centroid_codes,
+            centroid_lo: csq.lo,
+            centroid_step: csq.step,
             lists: Vec::new(),
-            value_sums,
+            value_means: to_f16_bits(&value_means),
             max_key_norm,
             radius,
-            group_centroids: hierarchy.group_centroids,
+            group_centroid_codes,
+            group_value_means,
             group_lists: hierarchy.group_lists,
             group_start: hierarchy.group_start,
             primary_tokens,
@@ -160,9 +192,32 @@ fn build_head(
             codes,
             code_block_start,
             replicas,
+            metric_queries: if metric.is_some() {
+                (queries.len() / dim) as u32
+            } else {
+                0
+            },
         },
         members,
     }
+}
+
+/// Means of the rows of `points` grouped by `group[assign[i]]` into `groups` groups (a group
+/// with no rows gets zeros).
+fn mean_rows(points: &[f32], dim: usize, assign: &[u32], group: &[u32], groups: usize) -> Vec<f32> {
+    let mut sums = vec![0f64; groups * dim];
+    let mut counts = vec![0usize; groups];
+    for (x, &a) in points.chunks_exact(dim).zip(assign) {
+        let g = group[a as usize] as usize;
+        counts[g] += 1;
+        for (s, v) in sums[g * dim..(g + 1) * dim].iter_mut().zip(x) {
+            *s += *v as f64;
+        }
+    }
+    sums.chunks_exact(dim)
+        .zip(&counts)
+        .flat_map(|(s, &c)| s.iter().map(move |v| (v / c.max(1) as f64) as f32))
+        .collect()
 }
 
 /// Bytes of one posting list: header, member ids, keys (f16), values (f16).
@@ -208,11 +263,13 @@ fn temp_dir_for(out: &Path) -> IndexResult<PathBuf> {
     Ok(parent.join(format!(".{name}.building-{}", std::process::id())))
 }
 
-/// Keys and values of one (layer, KV head): `tokens × dim` each, row-major.
+/// Keys and values of one (layer, KV head): `tokens × dim` each, row-major; and the prefill
+/// queries of its query heads (`rows × dim`, possibly none) for query-aware clustering.
 #[derive(Clone, Copy)]
 pub struct HeadArrays<'a> {
     pub keys: &'a [f32],
     pub values: &'a [f32],
+    pub queries: &'a [f32],
 }
 
 /// What an index is built from: the description of the context and, layer-major, the arrays
@@ -225,12 +282,19 @@ pub struct BuildInput<'a> {
 impl<'a> BuildInput<'a> {
     pub fn from_dump(dump: &'a KvDump) -> Self {
         let meta = &dump.meta;
+        let group = meta.q_heads / meta.kv_heads.max(1);
         let mut heads = Vec::new();
         for l in 0..dump.num_layers() {
             for h in 0..meta.kv_heads {
                 heads.push(HeadArrays {
                     keys: dump.keys.slice2(l, h),
                     values: dump.values.slice2(l, h),
+                    // The training queries only: evaluation queries never shape the index.
+                    queries: dump
+                        .train_queries
+                        .as_ref()
+                        .map(|t| t.slice2_range(l, h * group..(h + 1) * group))
+                        .unwrap_or(&[]),
                 });
             }
         }
@@ -283,6 +347,18 @@ impl<'a> BuildInput<'a> {
             return Err("empty context or zero head dim".into());
         }
         for (i, h) in self.heads.iter().enumerate() {
+            if h.queries.len() % dim != 0 {
+                return Err(format!(
+                    "head {i}: {} query floats, not a multiple of head dim {dim}",
+                    h.queries.len()
+                ));
+            }
+            if let Some(j) = h.queries.iter().position(|v| !v.is_finite()) {
+                return Err(format!(
+                    "head {i}: training query float {j} is {}",
+                    h.queries[j]
+                ));
+            }
             if h.keys.len() != tokens * dim || h.values.len() != tokens * dim {
                 return Err(format!(
                     "head {i}: {} key and {} value floats, expected {tokens} x {dim}",
@@ -396,10 +472,8 @@ fn build_into(
         .into_par_iter()
         .map(|i| {
             let (l, h) = (i / kv_heads, i % kv_heads);
-            let arrays = input.heads[i];
             let mut hb = build_head(
-                arrays.keys,
-                arrays.values,
+                input.heads[i],
                 dim,
                 params,
                 params.seed ^ ((i as u64 + 1) * 0x9E37_79B9_7F4A_7C15),

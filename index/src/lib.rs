@@ -7,9 +7,12 @@ pub mod codes;
 pub mod kmeans;
 pub mod linalg;
 pub mod manifest;
+pub mod manifest_v1;
+pub mod metric;
 pub mod params;
 pub mod rows;
 pub mod search;
+pub mod simd;
 
 use std::path::PathBuf;
 

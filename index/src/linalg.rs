@@ -51,21 +51,13 @@ pub fn top_k_indices(values: &[f32], k: usize) -> Vec<u32> {
     idx
 }
 
+pub use crate::simd::dot_f16_bytes;
+
 /// f16 little-endian bytes to f32, appended to `out`.
 pub fn f16_bytes_to_f32(bytes: &[u8], out: &mut Vec<f32>) {
-    use half::slice::HalfFloatSliceExt;
     let start = out.len();
-    let n = bytes.len() / 2;
-    out.resize(start + n, 0.0);
-    match bytemuck::try_cast_slice::<u8, half::f16>(bytes) {
-        Ok(halves) => halves.convert_to_f32_slice(&mut out[start..]),
-        // Unaligned source (not the case for page-aligned lists): convert element by element.
-        Err(_) => {
-            for (o, c) in out[start..].iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
-            }
-        }
-    }
+    out.resize(start + bytes.len() / 2, 0.0);
+    crate::simd::f16_to_f32(bytes, &mut out[start..]);
 }
 
 #[cfg(test)]

@@ -13,7 +13,9 @@ use crate::IndexError;
 
 pub const INDEX_FILE: &str = "index.strata";
 pub const INDEX_MAGIC: [u8; 8] = *b"STRIDX\0\x01";
-pub const INDEX_VERSION: u32 = 1;
+/// Version 2: centroids as 8-bit codes (v1: f32), per-list mean values as f16 (v1: f32 sums), the query-aware metric recorded per head and in the
+/// build parameters. Version 1 indexes still open (see `manifest_v1`).
+pub const INDEX_VERSION: u32 = 2;
 
 /// Bytes before a posting list's ids: magic, list id, member count, dimension.
 pub const LIST_HEADER_BYTES: usize = 16;
@@ -52,18 +54,26 @@ pub struct HeadManifest {
     pub dim: u32,
     /// Index into `Manifest::segments`.
     pub segment: u32,
-    /// `lists × dim` centroids (means of the primary members).
-    pub centroids: Vec<f32>,
+    /// `lists × dim` centroids (means of the primary members) as 8-bit codes of the quantiser
+    /// `centroid_lo`/`centroid_step`: search only ranks lists by them, and a quarter of the f32
+    /// bytes is a quarter of the centroid traffic of every query.
+    pub centroid_codes: Vec<u8>,
+    pub centroid_lo: Vec<f32>,
+    pub centroid_step: Vec<f32>,
     pub lists: Vec<ListLoc>,
-    /// `lists × dim`: sum of the values of the primary members (for remainder estimation).
-    pub value_sums: Vec<f32>,
+    /// `lists × dim`: mean value of the primary members (for remainder estimation), f16 bits.
+    pub value_means: Vec<u16>,
     /// Largest key norm in each list.
     pub max_key_norm: Vec<f32>,
     /// Largest distance of a primary member from its centroid.
     pub radius: Vec<f32>,
-    /// Second level (empty when the head has few lists): `groups × dim` centroids, the list ids
-    /// ordered by group, and `groups + 1` offsets into that order.
-    pub group_centroids: Vec<f32>,
+    /// Second level (empty when the head has few lists): `groups × dim` centroids (8-bit codes,
+    /// same quantiser), the list ids ordered by group, and `groups + 1` offsets into that order.
+    pub group_centroid_codes: Vec<u8>,
+    /// `groups × dim` mean value of each group's primary members (f16 bits), so that the
+    /// remainder estimate stands for a whole unexpanded group with one term. Empty when the
+    /// head has no second level (or was upgraded from version 1).
+    pub group_value_means: Vec<u16>,
     pub group_lists: Vec<u32>,
     pub group_start: Vec<u32>,
     /// Primary members of every list, list after list, and `lists + 1` offsets.
@@ -78,6 +88,9 @@ pub struct HeadManifest {
     pub code_block_start: Vec<u32>,
     /// Extra copies stored by boundary replication.
     pub replicas: u64,
+    /// Prefill queries the clustering metric was fitted to (`BuildParams::query_aware`); 0 when
+    /// the keys were clustered by plain key distance.
+    pub metric_queries: u32,
 }
 
 #[derive(Clone, Debug, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -98,6 +111,34 @@ pub fn f32s(v: &rkyv::vec::ArchivedVec<rend::f32_le>) -> &[f32] {
 }
 
 #[cfg(target_endian = "little")]
+pub fn u16s(v: &rkyv::vec::ArchivedVec<rend::u16_le>) -> &[u16] {
+    bytemuck::cast_slice(v.as_slice())
+}
+
+/// Bits of the centroid codes.
+pub const CENTROID_CODE_BITS: u32 = 8;
+
+/// The 8-bit centroid codes of a head: one quantiser fitted to the list and group centroids
+/// together (`dim`-wide rows), and the codes of each.
+pub fn encode_centroids(
+    centroids: &[f32],
+    group_centroids: &[f32],
+    dim: usize,
+) -> (crate::codes::ScalarQuantizer, Vec<u8>, Vec<u8>) {
+    let all: Vec<f32> = centroids.iter().chain(group_centroids).copied().collect();
+    let sq = crate::codes::ScalarQuantizer::fit(&all, dim, CENTROID_CODE_BITS);
+    let encode = |rows: &[f32]| {
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows.chunks_exact(dim) {
+            sq.encode(r, &mut out);
+        }
+        out
+    };
+    let (c, g) = (encode(centroids), encode(group_centroids));
+    (sq, c, g)
+}
+
+#[cfg(target_endian = "little")]
 pub fn u32s(v: &rkyv::vec::ArchivedVec<rend::u32_le>) -> &[u32] {
     bytemuck::cast_slice(v.as_slice())
 }
@@ -114,10 +155,24 @@ pub fn encode(manifest: &Manifest) -> Result<Vec<u8>, IndexError> {
     Ok(out)
 }
 
+/// f32 values as f16 bits, as the manifest stores centroids.
+pub fn to_f16_bits(v: &[f32]) -> Vec<u16> {
+    v.iter()
+        .map(|&x| half::f16::from_f32(x).to_bits())
+        .collect()
+}
+
+/// Where the validated archive lives: the file's map, or (for an older version) the upgraded
+/// archive in memory.
+enum Backing {
+    Mapped(Mmap),
+    Upgraded(rkyv::util::AlignedVec),
+}
+
 /// The memory-mapped, validated manifest.
 pub struct MappedManifest {
     path: PathBuf,
-    mmap: Mmap,
+    backing: Backing,
     payload_len: usize,
 }
 
@@ -134,17 +189,44 @@ impl MappedManifest {
             path: path.clone(),
             problem: format!("cannot map: {e}"),
         })?;
-        let payload = footer::check_whole(&path, &mmap, INDEX_MAGIC, INDEX_VERSION)?;
-        let payload_len = payload.len();
-        rkyv::access::<ArchivedManifest, rancor::Error>(payload).map_err(|e| IndexError::Open {
+        let invalid = |e: rancor::Error| IndexError::Open {
             path: path.clone(),
             problem: format!("manifest fails validation: {e}"),
-        })?;
-        Ok(MappedManifest {
-            path,
-            mmap,
-            payload_len,
-        })
+        };
+        match footer::check_whole(&path, &mmap, INDEX_MAGIC, INDEX_VERSION) {
+            Ok(payload) => {
+                let payload_len = payload.len();
+                rkyv::access::<ArchivedManifest, rancor::Error>(payload).map_err(invalid)?;
+                Ok(MappedManifest {
+                    path,
+                    backing: Backing::Mapped(mmap),
+                    payload_len,
+                })
+            }
+            Err(strata_storage::StorageError::Version { found: 1, .. }) => {
+                let payload = footer::check_whole(&path, &mmap, INDEX_MAGIC, 1)?;
+                let upgraded = crate::manifest_v1::upgrade(payload).map_err(invalid)?;
+                let bytes = rkyv::to_bytes::<rancor::Error>(&upgraded).map_err(invalid)?;
+                rkyv::access::<ArchivedManifest, rancor::Error>(&bytes).map_err(invalid)?;
+                log::info!(
+                    "{}: index format version 1, upgraded in memory (rebuild to write version {INDEX_VERSION})",
+                    path.display()
+                );
+                Ok(MappedManifest {
+                    path,
+                    payload_len: bytes.len(),
+                    backing: Backing::Upgraded(bytes),
+                })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match &self.backing {
+            Backing::Mapped(m) => &m[..self.payload_len],
+            Backing::Upgraded(v) => &v[..self.payload_len],
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -152,12 +234,17 @@ impl MappedManifest {
     }
 
     pub fn get(&self) -> &ArchivedManifest {
-        // SAFETY: `open` validated exactly these bytes with bytecheck (`rkyv::access`), and the
-        // map is read-only and lives as long as `self`.
-        unsafe { rkyv::access_unchecked::<ArchivedManifest>(&self.mmap[..self.payload_len]) }
+        // SAFETY: `open` validated exactly these bytes with bytecheck (`rkyv::access`); the map
+        // is read-only, the upgraded buffer is never written again, and both live as long as
+        // `self`.
+        unsafe { rkyv::access_unchecked::<ArchivedManifest>(self.bytes()) }
     }
 
+    /// Bytes the manifest holds in RAM (mapped or upgraded).
     pub fn mapped_bytes(&self) -> usize {
-        self.mmap.len()
+        match &self.backing {
+            Backing::Mapped(m) => m.len(),
+            Backing::Upgraded(v) => v.len(),
+        }
     }
 }

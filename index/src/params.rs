@@ -38,6 +38,13 @@ pub struct BuildParams {
     pub replica_epsilon: f32,
     /// Bits per dimension of the in-RAM key codes used for candidate scoring (1, 2, 4 or 8).
     pub code_bits: u32,
+    /// Query-aware clustering: when the source has prefill queries (a dump's `train_queries`),
+    /// cluster keys under the metric `(k1-k2)ᵀ M (k1-k2)` with `M = E[q qᵀ]` over those queries,
+    /// so that keys that score alike for real queries share a list. false: plain key distance.
+    pub query_aware: bool,
+    /// Ridge added to `M` as a fraction of its mean eigenvalue (`trace / dim`), so that
+    /// directions no training query looks at still separate keys a little.
+    pub query_metric_ridge: f32,
     /// Seed for every random choice of the build (results are reproducible).
     pub seed: u64,
 }
@@ -55,6 +62,8 @@ impl Default for BuildParams {
             replica_max: 2,
             replica_epsilon: 0.1,
             code_bits: 4,
+            query_aware: true,
+            query_metric_ridge: 1e-3,
             seed: 0x5eed_57a7a,
         }
     }
@@ -119,14 +128,14 @@ impl Default for SearchParams {
             budget: 0.02,
             sink_tokens: 4,
             recent_tokens: 64,
-            probe_fraction: 0.4,
-            rerank_factor: 2.0,
+            probe_fraction: 0.3,
+            rerank_factor: 1.5,
             target_mass: None,
             estimate_remainder: true,
             remainder_code_logits: true,
             remainder_variance: 0.0,
             remainder_code_noise: 0.0,
-            remainder_list_epsilon: 0.01,
+            remainder_list_epsilon: 0.05,
         }
     }
 }
@@ -237,6 +246,12 @@ impl BuildParams {
             return bad(
                 "balance_penalty/replica_epsilon",
                 "must be finite and >= 0".to_string(),
+            );
+        }
+        if !(self.query_metric_ridge.is_finite() && self.query_metric_ridge > 0.0) {
+            return bad(
+                "query_metric_ridge",
+                format!("{} must be finite and > 0", self.query_metric_ridge),
             );
         }
         if self.lists_per_group < 2 {

@@ -21,9 +21,9 @@ use strata_storage::reader::{ReaderKind, ReaderPreference};
 use strata_storage::segment::{ListLocation, SegmentFile};
 
 use crate::codes::{CodeQuery, ScalarQuantizer, CODE_BLOCK};
-use crate::linalg::{dot, f16_bytes_to_f32, top_k_indices};
-use crate::manifest::{f32s, u32s, ArchivedHeadManifest, ArchivedManifest, MappedManifest};
-use crate::manifest::{LIST_HEADER_BYTES, LIST_MAGIC};
+use crate::linalg::{dot_f16_bytes, f16_bytes_to_f32, top_k_indices};
+use crate::manifest::{f32s, u16s, u32s, ArchivedHeadManifest, ArchivedManifest, MappedManifest};
+use crate::manifest::{CENTROID_CODE_BITS, LIST_HEADER_BYTES, LIST_MAGIC};
 use crate::params::SearchParams;
 use crate::{IndexError, IndexResult};
 
@@ -42,8 +42,13 @@ pub struct SearchStats {
     pub lists_from_ram: u64,
     pub ssd_reads: u64,
     pub ssd_bytes: u64,
-    /// Bytes of the lists used (keys and values), wherever they came from.
+    /// Bytes of the whole lists fetched (all members' ids, keys and values), wherever they came
+    /// from: what the RAM tier or the SSD moved, at list granularity.
     pub list_bytes: u64,
+    /// Full (f16) keys scored exactly, in bytes.
+    pub key_bytes: u64,
+    /// Values (f16) of the tokens returned, in bytes.
+    pub value_bytes: u64,
     pub code_bytes: u64,
     pub centroid_bytes: u64,
     /// Bytes the remainder estimate read beyond the centroids and codes: list value sums and
@@ -95,7 +100,8 @@ struct Planned<'a> {
     plan_ns: u64,
     scale: f32,
     stats: SearchStats,
-    group_logit: Vec<(u32, f32)>,
+    /// Groups of a hierarchical head that were not expanded, with their centroid scores.
+    unexpanded: Vec<(u32, f32)>,
     lscores: Vec<(f32, u32)>,
     probed_lists: usize,
     sq: ScalarQuantizer,
@@ -103,6 +109,8 @@ struct Planned<'a> {
     cand_tokens: Vec<u32>,
     cand_lists: Vec<u32>,
     cand_scores: Vec<f32>,
+    /// Row of each candidate in its list (its rank among the list's primary members).
+    cand_rows: Vec<u32>,
     best: Vec<u32>,
     need: Vec<u32>,
 }
@@ -124,9 +132,15 @@ pub struct Index {
     /// RAM-tier file id of each segment: unique in the process, since indexes share the tier.
     cache_ids: Vec<u32>,
     cache: Arc<RamCache>,
-    /// Per head: every list's primary members are in ascending token order (as `build` writes
-    /// them), so the remainder estimate counts a list's members in a range by binary search.
-    sorted_lists: Vec<bool>,
+    /// Per head, when every list's primary members are in ascending token order (as `build`
+    /// writes them): each list's first and last member. The remainder estimate then counts a
+    /// list's members in a range from these two alone when the list lies between the sinks and
+    /// the window, by binary search otherwise.
+    list_bounds: Vec<Option<Vec<(u32, u32)>>>,
+    /// Per head with a second level and sorted lists: each group's first and last member and
+    /// member count, so that an unexpanded group lying between the sinks and the window is one
+    /// remainder term.
+    group_bounds: Vec<Vec<(u32, u32, u32)>>,
 }
 
 impl Index {
@@ -163,17 +177,57 @@ impl Index {
                 problem: format!("head {i}: {problem}"),
             })?;
         }
-        let sorted_lists = manifest
+        let list_bounds: Vec<Option<Vec<(u32, u32)>>> = manifest
             .get()
             .heads
             .iter()
             .map(|h| {
                 let members = u32s(&h.primary_tokens);
-                u32s(&h.primary_start).windows(2).all(|w| {
-                    members[w[0] as usize..w[1] as usize]
-                        .windows(2)
-                        .all(|p| p[0] < p[1])
+                let lists: Vec<&[u32]> = u32s(&h.primary_start)
+                    .windows(2)
+                    .map(|w| &members[w[0] as usize..w[1] as usize])
+                    .collect();
+                let sorted = lists.iter().all(|m| m.windows(2).all(|p| p[0] < p[1]));
+                sorted.then(|| {
+                    lists
+                        .iter()
+                        .map(|m| {
+                            (
+                                m.first().copied().unwrap_or(u32::MAX),
+                                m.last().copied().unwrap_or(0),
+                            )
+                        })
+                        .collect()
                 })
+            })
+            .collect();
+        let group_bounds = manifest
+            .get()
+            .heads
+            .iter()
+            .zip(&list_bounds)
+            .map(|(h, bounds)| {
+                let Some(bounds) = bounds
+                    .as_deref()
+                    .filter(|_| !h.group_value_means.is_empty())
+                else {
+                    return Vec::new();
+                };
+                let starts = u32s(&h.primary_start);
+                let glists = u32s(&h.group_lists);
+                u32s(&h.group_start)
+                    .windows(2)
+                    .map(|w| {
+                        glists[w[0] as usize..w[1] as usize].iter().fold(
+                            (u32::MAX, 0, 0),
+                            |(first, last, n), &l| {
+                                let l = l as usize;
+                                let (f, t) = bounds[l];
+                                (first.min(f), last.max(t), n + starts[l + 1] - starts[l])
+                            },
+                        )
+                    })
+                    .collect()
             })
             .collect();
         Ok(Index {
@@ -185,7 +239,8 @@ impl Index {
                 .collect(),
             segments,
             cache,
-            sorted_lists,
+            list_bounds,
+            group_bounds,
         })
     }
 
@@ -404,21 +459,27 @@ impl Index {
         }
 
         // 1. Lists to probe, best centroid first.
-        let centroids = f32s(&head.centroids);
+        let centroid_codes = head.centroid_codes.as_slice();
+        let ccq = ScalarQuantizer {
+            bits: CENTROID_CODE_BITS,
+            lo: f32s(&head.centroid_lo).to_vec(),
+            step: f32s(&head.centroid_step).to_vec(),
+        }
+        .query(q);
         let n_lists = head.lists.len();
         let primary_start = u32s(&head.primary_start);
         let primary_tokens = u32s(&head.primary_tokens);
-        // Lists outside the expanded groups of a hierarchical head: their group's score stands
-        // in for their centroid's in the remainder estimate.
-        let mut group_logit: Vec<(u32, f32)> = Vec::new();
-        let candidate_lists: Vec<u32> = if head.group_centroids.is_empty() {
+        // Groups of a hierarchical head left unexpanded: their score stands in for their
+        // lists' centroids in the remainder estimate.
+        let mut unexpanded: Vec<(u32, f32)> = Vec::new();
+        let candidate_lists: Vec<u32> = if head.group_centroid_codes.is_empty() {
             (0..n_lists as u32).collect()
         } else {
             // Second level: expand the best groups until they hold twice the probe target.
-            let gc = f32s(&head.group_centroids);
+            let gc = head.group_centroid_codes.as_slice();
             let gstart = u32s(&head.group_start);
             let glists = u32s(&head.group_lists);
-            let gscores: Vec<f32> = gc.chunks_exact(dim).map(|c| dot(c, q)).collect();
+            let gscores: Vec<f32> = gc.chunks_exact(dim).map(|c| ccq.score(c)).collect();
             stats.centroids_scored += gscores.len() as u64;
             let mut order: Vec<u32> = (0..gscores.len() as u32).collect();
             order.sort_unstable_by(|&a, &b| gscores[b as usize].total_cmp(&gscores[a as usize]));
@@ -437,25 +498,33 @@ impl Index {
                 expanded += 1;
             }
             if estimate {
-                for &g in &order[expanded..] {
-                    for &l in &glists[gstart[g as usize] as usize..gstart[g as usize + 1] as usize]
-                    {
-                        group_logit.push((l, gscores[g as usize]));
-                    }
-                }
+                unexpanded.extend(order[expanded..].iter().map(|&g| (g, gscores[g as usize])));
             }
             out
         };
         let mut lscores: Vec<(f32, u32)> = candidate_lists
             .iter()
             .map(|&l| {
-                let c = &centroids[l as usize * dim..(l as usize + 1) * dim];
-                (dot(c, q), l)
+                let c = &centroid_codes[l as usize * dim..(l as usize + 1) * dim];
+                (ccq.score(c), l)
             })
             .collect();
         stats.centroids_scored += lscores.len() as u64;
-        stats.centroid_bytes = stats.centroids_scored * dim as u64 * 4;
-        lscores.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
+        // One byte per dimension per centroid, plus the quantiser.
+        stats.centroid_bytes = (stats.centroids_scored + 8) * dim as u64;
+        // Only the lists about to be probed need an order: sort a generous prefix (twice the
+        // lists the probe target needs at the mean list size), the rest only if probing gets
+        // that far. The remainder estimate reads the rest in any order.
+        let by_score = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+        let mean_list = (tokens as f64 / n_lists.max(1) as f64).max(1.0);
+        let mut sorted_upto = ((2.0 * params.probe_fraction as f64 * visible as f64 / mean_list)
+            .ceil() as usize
+            + 16)
+            .min(lscores.len());
+        if sorted_upto < lscores.len() {
+            lscores.select_nth_unstable_by(sorted_upto, by_score);
+        }
+        lscores[..sorted_upto].sort_unstable_by(by_score);
 
         // 2. Code scoring of the probed lists' members.
         let sq = ScalarQuantizer {
@@ -473,11 +542,14 @@ impl Index {
         let mut cand_tokens: Vec<u32> = Vec::with_capacity(probe_target + 64);
         let mut cand_lists: Vec<u32> = Vec::with_capacity(probe_target + 64);
         let mut cand_scores: Vec<f32> = Vec::with_capacity(probe_target + 64);
+        let mut cand_rows: Vec<u32> = Vec::with_capacity(probe_target + 64);
         let mut lane_scores = [0f32; CODE_BLOCK];
-        for &(_, l) in &lscores {
-            if probed >= probe_target {
-                break;
+        while probed < probe_target && probed_lists < lscores.len() {
+            if probed_lists == sorted_upto {
+                lscores[sorted_upto..].sort_unstable_by(by_score);
+                sorted_upto = lscores.len();
             }
+            let l = lscores[probed_lists].1;
             probed_lists += 1;
             let members = &primary_tokens
                 [primary_start[l as usize] as usize..primary_start[l as usize + 1] as usize];
@@ -495,6 +567,7 @@ impl Index {
                     cand_tokens.push(t);
                     cand_lists.push(l);
                     cand_scores.push(lane_scores[lane]);
+                    cand_rows.push((b * CODE_BLOCK + lane) as u32);
                 }
             }
         }
@@ -516,7 +589,7 @@ impl Index {
             plan_ns: started.elapsed().as_nanos() as u64,
             scale,
             stats,
-            group_logit,
+            unexpanded,
             lscores,
             probed_lists,
             sq,
@@ -524,6 +597,7 @@ impl Index {
             cand_tokens,
             cand_lists,
             cand_scores,
+            cand_rows,
             best,
             need,
         })))
@@ -544,7 +618,7 @@ impl Index {
             plan_ns,
             scale,
             mut stats,
-            group_logit,
+            unexpanded,
             lscores,
             probed_lists,
             sq,
@@ -552,6 +626,7 @@ impl Index {
             cand_tokens,
             cand_lists,
             cand_scores,
+            cand_rows,
             best,
             need,
         } = plan;
@@ -575,7 +650,6 @@ impl Index {
         let mut ex_cand: Vec<u32> = Vec::with_capacity(by_list.len());
         let mut ex_rows: Vec<(u32, u32)> = Vec::with_capacity(by_list.len());
         let mut views = Vec::with_capacity(bufs.len());
-        let mut key = Vec::with_capacity(dim);
         for (bi, (buf, &l)) in bufs.iter().zip(&need).enumerate() {
             let list = parse_list(buf, l, dim).map_err(|problem| IndexError::Open {
                 path: self.segments[head.segment.to_native() as usize]
@@ -586,22 +660,24 @@ impl Index {
             let from = by_list.partition_point(|c| c.0 < l);
             let to = by_list.partition_point(|c| c.0 <= l);
             for &(_, t, ci) in &by_list[from..to] {
-                let Some(r) = (0..list.len()).find(|&r| list.id(r) == t) else {
+                // A candidate's row is its rank among its list's primary members, which the
+                // list stores first and in the manifest's order.
+                let r = cand_rows[ci as usize] as usize;
+                if r >= list.len() || list.id(r) != t {
                     return Err(IndexError::Open {
                         path: self.dir.clone(),
-                        problem: format!("list {l} lacks its member {t}"),
+                        problem: format!("list {l} lacks its member {t} at row {r}"),
                     });
-                };
+                }
                 ex_cand.push(ci);
-                key.clear();
-                f16_bytes_to_f32(list.key_bytes(r), &mut key);
                 ex_tokens.push(t);
-                ex_scores.push(dot(&key, q));
+                ex_scores.push(dot_f16_bytes(list.key_bytes(r), q));
                 ex_rows.push((bi as u32, r as u32));
             }
             views.push(list);
         }
         stats.keys_scored = ex_tokens.len() as u64;
+        stats.key_bytes = stats.keys_scored * dim as u64 * 2;
         // The best `budget` exactly scored tokens, best first.
         let mut top = top_k_indices(&ex_scores, budget);
         top.sort_unstable_by(|&a, &b| {
@@ -619,10 +695,14 @@ impl Index {
                 scale,
                 position,
                 params,
-                sorted: self
-                    .sorted_lists
+                bounds: self
+                    .list_bounds
                     .get(layer_slot * self.kv_heads() + kv_head)
-                    == Some(&true),
+                    .and_then(|b| b.as_deref()),
+                group_bounds: self
+                    .group_bounds
+                    .get(layer_slot * self.kv_heads() + kv_head)
+                    .map_or(&[], |b| b.as_slice()),
             };
             let mut est = RemainderEstimator::default();
             let mut in_exact = vec![false; cand_tokens.len()];
@@ -634,7 +714,7 @@ impl Index {
                 &sq,
                 &lscores,
                 probed_lists,
-                &group_logit,
+                &unexpanded,
                 (&cand_lists, &cand_scores),
                 &in_exact,
                 &mut stats,
@@ -674,6 +754,7 @@ impl Index {
             }
         }
 
+        stats.value_bytes = top.len() as u64 * dim as u64 * 2;
         let mut values = Vec::with_capacity(top.len() * dim);
         for &i in &top {
             let (bi, r) = ex_rows[i as usize];
@@ -760,8 +841,11 @@ struct EstimateContext<'a> {
     scale: f32,
     position: usize,
     params: &'a SearchParams,
-    /// The head's lists hold their primary members in ascending order.
-    sorted: bool,
+    /// Each list's first and last primary member, when the head's lists hold their primary
+    /// members in ascending order.
+    bounds: Option<&'a [(u32, u32)]>,
+    /// Each group's first and last member and member count (empty: no group terms).
+    group_bounds: &'a [(u32, u32, u32)],
 }
 
 /// Where a list's visible members stand, as index ranges into its primary members: `[0, a)` are
@@ -778,31 +862,46 @@ impl EstimateContext<'_> {
         &u32s(&self.head.primary_tokens)[start[l] as usize..start[l + 1] as usize]
     }
 
-    /// Ranges of list `l`'s members (sorted lists only), and the bytes the binary searches read.
-    fn ranges(&self, members: &[u32]) -> (MemberRanges, u64) {
+    /// The sink end and window start of this search's position.
+    fn static_edges(&self) -> (usize, usize) {
         let visible = self.position + 1;
         let sink_end = (self.params.sink_tokens as usize).min(visible);
         let recent_start = sink_end.max(visible.saturating_sub(self.params.recent_tokens as usize));
+        (sink_end, recent_start)
+    }
+
+    /// Ranges of list `l`'s members (sorted lists only), and the bytes read to find them.
+    fn ranges(&self, l: usize, bounds: &[(u32, u32)]) -> (MemberRanges, u64) {
+        let (sink_end, recent_start) = self.static_edges();
+        let start = u32s(&self.head.primary_start);
+        let n = (start[l + 1] - start[l]) as usize;
+        // Most lists lie wholly between the sinks and the window: their first and last members
+        // say so, and the members themselves need not be read.
+        let (first, last) = bounds[l];
+        if n > 0 && first as usize >= sink_end && (last as usize) < recent_start {
+            return (MemberRanges { a: 0, b: n, c: n }, 16);
+        }
+        let members = self.members(l);
         let before = |x: usize| members.partition_point(|&t| (t as usize) < x);
         let probes = 3 * (usize::BITS - members.len().leading_zeros()) as u64;
         (
             MemberRanges {
                 a: before(sink_end),
                 b: before(recent_start),
-                c: before(visible),
+                c: before(self.position + 1),
             },
-            8 + 4 * probes,
+            16 + 4 * probes,
         )
     }
 
     /// Visible, non-static members of list `l`.
     fn open_members(&self, l: usize, stats: &mut SearchStats) -> usize {
-        let members = self.members(l);
-        if self.sorted {
-            let (r, bytes) = self.ranges(members);
+        if let Some(bounds) = self.bounds {
+            let (r, bytes) = self.ranges(l, bounds);
             stats.estimate_bytes += bytes;
             r.b - r.a
         } else {
+            let members = self.members(l);
             stats.estimate_bytes += 4 * members.len() as u64;
             members
                 .iter()
@@ -841,8 +940,8 @@ impl EstimateContext<'_> {
         let lists = self.head.lists.len();
         for (l, &first_block) in block_start.iter().enumerate().take(lists) {
             let members = self.members(l);
-            let idx: Vec<usize> = if self.sorted {
-                let (r, bytes) = self.ranges(members);
+            let idx: Vec<usize> = if let Some(bounds) = self.bounds {
+                let (r, bytes) = self.ranges(l, bounds);
                 stats.estimate_bytes += bytes;
                 (0..r.a).chain(r.b..r.c).collect()
             } else {
@@ -944,7 +1043,7 @@ impl RemainderEstimator {
         sq: &ScalarQuantizer,
         lscores: &[(f32, u32)],
         probed_lists: usize,
-        group_logit: &[(u32, f32)],
+        unexpanded: &[(u32, f32)],
         (cand_lists, cand_scores): (&[u32], &[f32]),
         in_exact: &[bool],
         stats: &mut SearchStats,
@@ -964,10 +1063,24 @@ impl RemainderEstimator {
             0.0
         };
         if p.remainder_code_logits {
-            for ((&l, &score), &done) in cand_lists.iter().zip(cand_scores).zip(in_exact) {
-                if !done {
-                    self.add_logit(l, s * score - noise, 1.0);
+            // Candidates come list by list: one term per list, its tokens' logits summed in
+            // log space, rather than one term per token.
+            let mut i = 0;
+            while i < cand_lists.len() {
+                let l = cand_lists[i];
+                let run = cand_lists[i..].iter().take_while(|&&x| x == l).count();
+                let open = || {
+                    (i..i + run)
+                        .filter(|&j| !in_exact[j])
+                        .map(|j| s * cand_scores[j] - noise)
+                };
+                let max = open().fold(f32::NEG_INFINITY, f32::max);
+                if max.is_finite() {
+                    let (sum, n) =
+                        open().fold((0f32, 0u32), |(a, n), x| (a + (x - max).exp(), n + 1));
+                    self.add_logit(l, max + (sum / n as f32).ln(), n as f32);
                 }
+                i += run;
             }
         } else {
             let mut counts: Vec<(u32, u32)> = Vec::new();
@@ -988,17 +1101,32 @@ impl RemainderEstimator {
                 }
             }
         }
-        for &(c, l) in lscores[probed_lists..].iter().chain(
-            group_logit
-                .iter()
-                .map(|(l, c)| (*c, *l))
-                .collect::<Vec<_>>()
-                .iter(),
-        ) {
+        let add_list = |me: &mut Self, l: u32, c: f32, stats: &mut SearchStats| {
             let n = ctx.open_members(l as usize, stats);
             if n > 0 {
                 let corr = ctx.variance_correction(l as usize, q_norm_sq, stats);
-                self.add_logit(l, s * c + corr, n as f32);
+                me.add_logit(l, s * c + corr, n as f32);
+            }
+        };
+        for &(c, l) in &lscores[probed_lists..] {
+            add_list(self, l, c, stats);
+        }
+        // An unexpanded group lying wholly between the sinks and the window is one term (id
+        // `lists + group`, valued at the group's mean value); otherwise its lists are terms.
+        let n_lists = ctx.head.lists.len() as u32;
+        let (sink_end, recent_start) = ctx.static_edges();
+        let gstart = u32s(&ctx.head.group_start);
+        let glists = u32s(&ctx.head.group_lists);
+        for &(g, c) in unexpanded {
+            if let Some(&(first, last, n)) = ctx.group_bounds.get(g as usize) {
+                if n > 0 && first as usize >= sink_end && (last as usize) < recent_start {
+                    stats.estimate_bytes += 12;
+                    self.add_logit(n_lists + g, s * c, n as f32);
+                    continue;
+                }
+            }
+            for &l in &glists[gstart[g as usize] as usize..gstart[g as usize + 1] as usize] {
+                add_list(self, l, c, stats);
             }
         }
     }
@@ -1009,29 +1137,39 @@ impl RemainderEstimator {
 
     /// The estimate: per-list weights, the output from the heaviest lists' mean values.
     fn finish(self, ctx: &EstimateContext<'_>, stats: &mut SearchStats) -> Remainder {
+        let dim = ctx.q.len();
+        let lists = ctx.head.lists.len();
         let starts = u32s(&ctx.head.primary_start);
-        let (rem, lists_read) = combine_terms(
+        let list_means = u16s(&ctx.head.value_means);
+        let group_means = u16s(&ctx.head.group_value_means);
+        let groups = group_means.len() / dim.max(1);
+        let (rem, means_read) = combine_terms(
             &self.terms,
-            ctx.head.lists.len(),
-            |l| starts[l + 1] - starts[l],
-            f32s(&ctx.head.value_sums),
-            ctx.q.len(),
+            lists + groups,
+            |id| {
+                if id < lists {
+                    (starts[id + 1] > starts[id]).then(|| &list_means[id * dim..(id + 1) * dim])
+                } else {
+                    group_means.get((id - lists) * dim..(id - lists + 1) * dim)
+                }
+            },
+            dim,
             ctx.params.remainder_list_epsilon as f64,
         );
-        stats.estimate_bytes += (lists_read * ctx.q.len() * 4) as u64;
+        stats.estimate_bytes += (means_read * dim * 2) as u64;
         rem
     }
 }
 
-/// The remainder from its terms `(list, logit, tokens)`: `lse = ln Σ tokens·exp(logit)`; the
-/// output is the weight-averaged mean value (`value_sums[list] / list_size(list)`) of the
-/// heaviest lists that together hold at least `1 − epsilon` of the weight (the others keep their
-/// weight in `lse`). Returns the estimate and how many lists' value sums it read.
-pub fn combine_terms(
+/// The remainder from its terms `(id, logit, tokens)` (an id names a list or a group, below
+/// `n_ids`): `lse = ln Σ tokens·exp(logit)`; the output is the weight-averaged mean value
+/// (`means_of(id)`, f16 bits; None for an empty list) of the heaviest ids that together hold at
+/// least `1 − epsilon` of the weight (the others keep their weight in `lse`). Returns the
+/// estimate and how many mean values it read.
+pub fn combine_terms<'m>(
     terms: &[(u32, f32, f32)],
-    n_lists: usize,
-    list_size: impl Fn(usize) -> u32,
-    value_sums: &[f32],
+    n_ids: usize,
+    means_of: impl Fn(usize) -> Option<&'m [u16]>,
     dim: usize,
     epsilon: f64,
 ) -> (Remainder, usize) {
@@ -1041,13 +1179,22 @@ pub fn combine_terms(
         tokens: 0,
     };
     let tokens = terms.iter().map(|t| t.2 as f64).sum::<f64>().round() as u64;
-    let lse = log_sum_exp(terms.iter().map(|t| (t.1, t.2)));
-    if !lse.is_finite() || tokens == 0 {
+    let max = terms
+        .iter()
+        .filter(|t| t.2 > 0.0)
+        .map(|t| t.1)
+        .fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() || tokens == 0 {
         return (neutral, 0);
     }
+    // One exp per term (f32: the terms are logits within a few hundred of `max`), summed per
+    // list in f64.
     let mut weight: Vec<(f64, u32)> = Vec::new();
-    let mut slot = vec![u32::MAX; n_lists];
+    let mut slot = vec![u32::MAX; n_ids];
+    let mut all = 0f64;
     for &(l, logit, n) in terms {
+        let w = n as f64 * (logit - max).exp() as f64;
+        all += w;
         let Some(s) = slot.get_mut(l as usize) else {
             continue;
         };
@@ -1055,29 +1202,33 @@ pub fn combine_terms(
             *s = weight.len() as u32;
             weight.push((0.0, l));
         }
-        weight[*s as usize].0 += n as f64 * ((logit - lse) as f64).exp();
+        weight[*s as usize].0 += w;
     }
+    let lse = max + all.ln() as f32;
+    // Lists lighter than `epsilon · total / lists` together hold at most `epsilon` of the
+    // weight, so the heaviest lists that reach `1 − epsilon` are all among the others: only
+    // those are sorted.
+    let listed: f64 = weight.iter().map(|w| w.0).sum();
+    let floor = epsilon * listed / weight.len().max(1) as f64;
+    weight.retain(|w| w.0 >= floor && w.0 > 0.0);
     weight.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-    let total: f64 = weight.iter().map(|w| w.0).sum();
-    let keep_until = (1.0 - epsilon) * total;
+    let keep_until = (1.0 - epsilon) * listed;
     let mut out = vec![0f64; dim];
+    let mut mean = Vec::with_capacity(dim);
     let mut kept = 0f64;
     let mut read = 0;
     for &(w, l) in &weight {
         if kept > 0.0 && kept >= keep_until {
             break;
         }
-        let l = l as usize;
-        let n = list_size(l) as f64;
-        let Some(sums) = value_sums.get(l * dim..(l + 1) * dim) else {
+        let Some(means) = means_of(l as usize).filter(|m| m.len() == dim) else {
             continue;
         };
-        if n == 0.0 {
-            continue;
-        }
         read += 1;
-        for (o, v) in out.iter_mut().zip(sums) {
-            *o += w * *v as f64 / n;
+        mean.clear();
+        f16_bytes_to_f32(bytemuck::cast_slice(means), &mut mean);
+        for (o, &v) in out.iter_mut().zip(&mean) {
+            *o += w * v as f64;
         }
         kept += w;
     }
@@ -1177,8 +1328,12 @@ fn check_head(h: &ArchivedHeadManifest, segment_len: u64) -> Result<(), String> 
     }
     let code_bytes = dim.div_ceil(8 / bits as usize);
     let checks = [
-        (h.centroids.len() == lists * dim, "centroids"),
-        (h.value_sums.len() == lists * dim, "value sums"),
+        (h.centroid_codes.len() == lists * dim, "centroid codes"),
+        (
+            h.centroid_lo.len() == dim && h.centroid_step.len() == dim,
+            "centroid quantiser",
+        ),
+        (h.value_means.len() == lists * dim, "value means"),
         (h.max_key_norm.len() == lists, "key norms"),
         (h.radius.len() == lists, "radii"),
         (h.primary_start.len() == lists + 1, "list offsets"),
@@ -1225,10 +1380,11 @@ fn check_head(h: &ArchivedHeadManifest, segment_len: u64) -> Result<(), String> 
             return Err(format!("list {j} lies outside its segment"));
         }
     }
-    if !h.group_centroids.is_empty() {
+    if !h.group_centroid_codes.is_empty() {
         let g = h.group_start.len().saturating_sub(1);
         let gl = u32s(&h.group_lists);
-        if h.group_centroids.len() != g * dim
+        if h.group_centroid_codes.len() != g * dim
+            || !(h.group_value_means.is_empty() || h.group_value_means.len() == g * dim)
             || gl.len() != lists
             || gl.iter().any(|&l| l as usize >= lists)
             || u32s(&h.group_start).iter().any(|&s| s as usize > lists)
@@ -1250,32 +1406,32 @@ mod tests {
         // List 1: 2 primary members, value sum (0, 2) -> mean (0, 1).
         // Remaining: 3 tokens of list 0 at logit 0 (weight 3), 1 token of list 1 at logit ln 2
         // (weight 2). lse = ln 5; output = (3·(1,0) + 2·(0,1)) / 5 = (0.6, 0.4).
-        let sizes = [4u32, 2];
-        let sums = [4.0f32, 0.0, 0.0, 2.0];
+        let means = crate::manifest::to_f16_bits(&[1.0f32, 0.0, 0.0, 1.0]);
+        let of = |l: usize| means.get(l * 2..l * 2 + 2);
         let terms = [(0u32, 0.0f32, 3.0f32), (1, 2f32.ln(), 1.0)];
-        let (r, read) = combine_terms(&terms, 2, |l| sizes[l], &sums, 2, 0.0);
+        let (r, read) = combine_terms(&terms, 2, of, 2, 0.0);
         assert_eq!(read, 2);
         assert_eq!(r.tokens, 4);
         assert!((r.lse - 5f32.ln()).abs() < 1e-6, "{}", r.lse);
         assert!((r.output[0] - 0.6).abs() < 1e-6 && (r.output[1] - 0.4).abs() < 1e-6);
         // The same split over two terms of one list changes nothing.
         let split = [(0u32, 0.0f32, 1.0f32), (0, 0.0, 2.0), (1, 2f32.ln(), 1.0)];
-        let (s, _) = combine_terms(&split, 2, |l| sizes[l], &sums, 2, 0.0);
+        let (s, _) = combine_terms(&split, 2, of, 2, 0.0);
         assert!((s.lse - r.lse).abs() < 1e-6 && (s.output[0] - 0.6).abs() < 1e-6);
         // epsilon 0.5: list 0 alone holds 60% of the weight, so list 1's value sum is not read;
         // its weight stays in lse, and the output is list 0's mean.
-        let (e, read) = combine_terms(&terms, 2, |l| sizes[l], &sums, 2, 0.5);
+        let (e, read) = combine_terms(&terms, 2, of, 2, 0.5);
         assert_eq!(read, 1);
         assert!((e.lse - 5f32.ln()).abs() < 1e-6);
         assert!((e.output[0] - 1.0).abs() < 1e-6 && e.output[1].abs() < 1e-6);
         // Nothing remains: neutral (zero output, lse -inf).
-        let (n, read) = combine_terms(&[], 2, |l| sizes[l], &sums, 2, 0.0);
+        let (n, read) = combine_terms(&[], 2, of, 2, 0.0);
         assert_eq!(
             (n.tokens, n.lse, n.output, read),
             (0, f32::NEG_INFINITY, vec![0.0; 2], 0)
         );
         // A term naming a list that does not exist is ignored, not a panic.
-        let (b, _) = combine_terms(&[(7, 0.0, 1.0)], 2, |l| sizes[l], &sums, 2, 0.0);
+        let (b, _) = combine_terms(&[(7, 0.0, 1.0)], 2, of, 2, 0.0);
         assert_eq!((b.tokens, b.lse), (0, f32::NEG_INFINITY));
     }
 

@@ -110,6 +110,21 @@ impl Tensor4 {
         self.shape.iter().product()
     }
 
+    /// The blocks at `[a, b]` for `b` in `bs`, contiguous in memory (for query tensors: every
+    /// query head of one GQA group), row-major.
+    ///
+    /// Panics if `a >= shape[0]` or `bs` reaches past `shape[1]`.
+    pub fn slice2_range(&self, a: usize, bs: std::ops::Range<usize>) -> &[f32] {
+        let [s0, s1, s2, s3] = self.shape;
+        assert!(
+            a < s0 && bs.start <= bs.end && bs.end <= s1,
+            "Tensor4::slice2_range({a}, {bs:?}) out of range for shape {:?}",
+            self.shape
+        );
+        let len = s2 * s3;
+        &self.data[(a * s1 + bs.start) * len..(a * s1 + bs.end) * len]
+    }
+
     /// The `[shape[2], shape[3]]` block at `[a, b]` (for kv tensors: all positions of one layer
     /// and head), row-major.
     ///

@@ -179,6 +179,32 @@ impl Source {
         Layer { keys, values }
     }
 
+    /// Prefill queries of KV head `h`'s query heads (`rows × DIM`) for query-aware clustering:
+    /// made from the dump's train queries the way step queries are made from its evaluation
+    /// queries, so the index never sees the queries it is measured with.
+    fn train_queries(&self, layer: usize, h: usize) -> Vec<f32> {
+        let d = &self.dump;
+        let half = DIM / 2;
+        let src_group = d.group_size();
+        let Some(train) = d.train_queries.as_ref() else {
+            return Vec::new();
+        };
+        let rows = train.shape[2];
+        let group = Q_HEADS / KV_HEADS;
+        let mut out = vec![0f32; group * rows * DIM];
+        for g in 0..group {
+            let qh = h * group + g;
+            for (side, &(sl, sk)) in self.pair(layer, h).iter().enumerate() {
+                let src_head = sk * src_group + qh % src_group;
+                for i in 0..rows {
+                    let at = (g * rows + i) * DIM + side * half;
+                    out[at..at + half].copy_from_slice(train.row(sl, src_head, i));
+                }
+            }
+        }
+        out
+    }
+
     /// Queries of every query head for step `step` of layer `layer`.
     fn queries(&self, layer: usize, step: usize, rng: &mut impl Rng) -> Vec<f32> {
         let d = &self.dump;
@@ -445,13 +471,18 @@ fn run_context(
         softmax_scale: vec![1.0 / (DIM as f32).sqrt(); args.layers],
         token_ids: (0..tokens as i64).collect(),
     };
+    let train: Vec<Vec<f32>> = (0..args.layers)
+        .flat_map(|l| (0..KV_HEADS).map(move |h| (l, h)))
+        .map(|(l, h)| source.train_queries(l, h))
+        .collect();
     let prefill: Vec<HeadArrays> = layers
         .iter()
-        .flat_map(|l| {
-            l.keys
-                .iter()
-                .zip(&l.values)
-                .map(|(k, v)| HeadArrays { keys: k, values: v })
+        .flat_map(|l| l.keys.iter().zip(&l.values))
+        .zip(&train)
+        .map(|((k, v), q)| HeadArrays {
+            keys: k,
+            values: v,
+            queries: q,
         })
         .collect();
     let engine = Engine::new(

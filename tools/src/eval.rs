@@ -81,6 +81,13 @@ struct Summary {
     attended_fraction: f64,
     scored_fraction: f64,
     bytes_read_fraction: f64,
+    /// Whole posting lists fetched from the tiers (ids, keys and values of every member), as a
+    /// share of the visible keys' fp16 K+V: the list-granular traffic behind the rows counted in
+    /// `bytes_read_fraction`. 0 for the in-RAM baselines.
+    list_bytes_fraction: f64,
+    /// `bytes_read_fraction` by part: centroids, codes, estimate statistics, full keys scored,
+    /// values attended.
+    bytes_by_part: BytesByPart,
     ssd_bytes_per_query: f64,
     ssd_reads_per_query: f64,
     ram_hit_rate: f64,
@@ -90,9 +97,18 @@ struct Summary {
     queries: usize,
 }
 
+#[derive(Serialize, Default, Clone, Copy)]
+struct BytesByPart {
+    centroids: f64,
+    codes: f64,
+    estimate: f64,
+    keys: f64,
+    values: f64,
+}
+
 #[derive(Default)]
 struct Acc {
-    sums: [f64; 10],
+    sums: [f64; 16],
     lists: f64,
     lists_ram: f64,
     times_us: Vec<f64>,
@@ -112,6 +128,12 @@ impl Acc {
             m.ssd_bytes,
             m.ssd_reads,
             m.output_error_exact_only,
+            m.list_bytes_fraction,
+            m.bytes_by_part.centroids,
+            m.bytes_by_part.codes,
+            m.bytes_by_part.estimate,
+            m.bytes_by_part.keys,
+            m.bytes_by_part.values,
         ];
         for (s, x) in self.sums.iter_mut().zip(v) {
             *s += x;
@@ -152,6 +174,14 @@ impl Acc {
             attended_fraction: self.sums[4] / n,
             scored_fraction: self.sums[5] / n,
             bytes_read_fraction: self.sums[6] / n,
+            list_bytes_fraction: self.sums[10] / n,
+            bytes_by_part: BytesByPart {
+                centroids: self.sums[11] / n,
+                codes: self.sums[12] / n,
+                estimate: self.sums[13] / n,
+                keys: self.sums[14] / n,
+                values: self.sums[15] / n,
+            },
             ssd_bytes_per_query: self.sums[7] / n,
             ssd_reads_per_query: self.sums[8] / n,
             ram_hit_rate: if self.lists > 0.0 {
@@ -179,6 +209,8 @@ struct QueryMetrics {
     attended_fraction: f64,
     scored_fraction: f64,
     bytes_read_fraction: f64,
+    list_bytes_fraction: f64,
+    bytes_by_part: BytesByPart,
     ssd_bytes: f64,
     ssd_reads: f64,
     lists_read: f64,
@@ -549,18 +581,10 @@ fn score_query(
 
     let s = &r.stats;
     let kv_bytes = (visible * dim * 2 * 2) as f64;
-    let f16_row = (dim * 2) as u64;
-    // Bytes the search and the attention read: centroids (stored f32), key codes, and either the
-    // whole lists it read (keys and values) or, for in-RAM baselines, the keys it scored plus the
-    // keys and values it attended.
-    let bytes = s.centroids_scored * dim as u64 * 4
-        + s.code_bytes
-        + s.estimate_bytes
-        + if s.list_bytes > 0 {
-            s.list_bytes
-        } else {
-            s.keys_scored * f16_row + r.tokens.len() as u64 * 2 * f16_row
-        };
+    // Bytes the search and the attention read (the definition): centroids, key codes,
+    // the estimate's statistics, the full keys scored and the values attended. The whole lists
+    // strata's tiers moved to get those rows are reported apart (`list_bytes_fraction`).
+    let bytes = s.centroid_bytes + s.code_bytes + s.estimate_bytes + s.key_bytes + s.value_bytes;
     let mut ids: Vec<u32> = (0..visible as u32)
         .filter(|&t| attended[t as usize])
         .collect();
@@ -577,6 +601,14 @@ fn score_query(
             scored_fraction: (s.centroids_scored + s.keys_scored.max(s.keys_read)) as f64
                 / visible as f64,
             bytes_read_fraction: bytes as f64 / kv_bytes,
+            list_bytes_fraction: s.list_bytes as f64 / kv_bytes,
+            bytes_by_part: BytesByPart {
+                centroids: s.centroid_bytes as f64 / kv_bytes,
+                codes: s.code_bytes as f64 / kv_bytes,
+                estimate: s.estimate_bytes as f64 / kv_bytes,
+                keys: s.key_bytes as f64 / kv_bytes,
+                values: s.value_bytes as f64 / kv_bytes,
+            },
             ssd_bytes: s.ssd_bytes as f64,
             ssd_reads: s.ssd_reads as f64,
             lists_read: s.lists_read as f64,
@@ -628,7 +660,7 @@ fn print_table(reports: &[RunReport], dump: &KvDump) {
             .unwrap_or(0),
     );
     println!(
-        "{:<10} {:>6} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>9} {:>6} {:>8} {:>8}",
+        "{:<10} {:>6} {:>6} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>9} {:>6} {:>8} {:>8}",
         "method",
         "R@10",
         "R@100",
@@ -638,6 +670,7 @@ fn print_table(reports: &[RunReport], dump: &KvDump) {
         "att%",
         "scored%",
         "bytes%",
+        "lists%",
         "ssdKB/q",
         "rd/q",
         "p50us",
@@ -647,7 +680,7 @@ fn print_table(reports: &[RunReport], dump: &KvDump) {
     for r in reports {
         let s = &r.summary;
         println!(
-            "{:<10} {:>6.3} {:>6.3} {:>7.4} {:>7.4} {:>7.4} {:>7.2} {:>7.2} {:>7.2} {:>9.1} {:>6.1} {:>8.1} {:>8.1}",
+            "{:<10} {:>6.3} {:>6.3} {:>7.4} {:>7.4} {:>7.4} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>9.1} {:>6.1} {:>8.1} {:>8.1}",
             r.method,
             s.recall_10,
             s.recall_100,
@@ -657,6 +690,7 @@ fn print_table(reports: &[RunReport], dump: &KvDump) {
             s.attended_fraction * 100.0,
             s.scored_fraction * 100.0,
             s.bytes_read_fraction * 100.0,
+            s.list_bytes_fraction * 100.0,
             s.ssd_bytes_per_query / 1024.0,
             s.ssd_reads_per_query,
             s.search_us_p50,

@@ -107,6 +107,10 @@ pub trait HeadRetriever: Send + Sync {
         if stats.keys_scored == 0 {
             stats.keys_scored = toks.len() as u64;
         }
+        // Baselines hold f32 centroids and f16 keys and values in RAM.
+        stats.centroid_bytes = stats.centroids_scored * dim as u64 * 4;
+        stats.key_bytes = stats.keys_scored * dim as u64 * 2;
+        stats.value_bytes = top.len() as u64 * dim as u64 * 2;
         stats.search_ns = t0.elapsed().as_nanos() as u64;
         Ok(Retrieved {
             tokens: top.iter().map(|&i| toks[i as usize]).collect(),
