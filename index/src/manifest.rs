@@ -13,8 +13,9 @@ use crate::IndexError;
 
 pub const INDEX_FILE: &str = "index.strata";
 pub const INDEX_MAGIC: [u8; 8] = *b"STRIDX\0\x01";
-/// Version 2: centroids as 8-bit codes (v1: f32), per-list mean values as f16 (v1: f32 sums), the query-aware metric recorded per head and in the
-/// build parameters. Version 1 indexes still open (see `manifest_v1`).
+/// Version 2: centroids as 8-bit codes (v1: f32), per-list and per-group mean values as f16
+/// (v1: f32 list sums), the query-aware metric recorded per head and in the build parameters.
+/// Version 1 indexes still open (see `manifest_v1`).
 pub const INDEX_VERSION: u32 = 2;
 
 /// Bytes before a posting list's ids: magic, list id, member count, dimension.
@@ -155,7 +156,7 @@ pub fn encode(manifest: &Manifest) -> Result<Vec<u8>, IndexError> {
     Ok(out)
 }
 
-/// f32 values as f16 bits, as the manifest stores centroids.
+/// f32 values as f16 bits, as the manifest stores mean values.
 pub fn to_f16_bits(v: &[f32]) -> Vec<u16> {
     v.iter()
         .map(|&x| half::f16::from_f32(x).to_bits())

@@ -1,0 +1,77 @@
+"""Routing prototype (numpy): recall@100 of the exact top-100 (non-static) among the keys of
+the best-scoring clusters, at several scanned fractions, for plain k-means and k-means under the
+query metric M = E[qq^T] of the train queries (mode "maha"); "+a" adds a spread term to the
+routing score, "iso+a" a radius term. A random 48 evaluation queries per head.
+
+    python3 tools/prototype/routing.py ../shared/data/gemma3-jargon-16k.safetensors plain,maha [list_size]
+"""
+import json, struct, sys, numpy as np
+def load(path):
+    with open(path,'rb') as f:
+        n=struct.unpack('<Q',f.read(8))[0]; h=json.loads(f.read(n)); base=8+n
+        out={}
+        for k,v in h.items():
+            if k=='__metadata__': out[k]=v; continue
+            f.seek(base+v['data_offsets'][0]); b=f.read(v['data_offsets'][1]-v['data_offsets'][0])
+            dt={'F16':np.float16,'I64':np.int64,'F32':np.float32}[v['dtype']]
+            out[k]=np.frombuffer(b,dtype=dt).reshape(v['shape'])
+    return out
+def kmeans(X, k, iters=8, seed=0):
+    rng=np.random.default_rng(seed); C=X[rng.choice(len(X),k,replace=False)].copy()
+    for _ in range(iters):
+        d=(X*X).sum(1)[:,None]-2*X@C.T+(C*C).sum(1)[None]
+        a=d.argmin(1)
+        for j in range(k):
+            m=a==j
+            if m.any(): C[j]=X[m].mean(0)
+            else: C[j]=X[rng.integers(len(X))]
+    return a
+def evaluate(K, Q, pos, assign, k, route, fracs, sink=4, recent=64):
+    # route: function(q, centroids-like stats) -> list scores
+    res={f:[] for f in fracs}
+    for qi in range(len(Q)):
+        q=Q[qi]; p=pos[qi]; vis=p+1
+        s=K[:vis]@q
+        stat=np.zeros(vis,bool); stat[:sink]=True; stat[max(0,vis-recent):]=True
+        s2=np.where(stat,-np.inf,s); top=np.argsort(-s2)[:100]
+        ls=route(q)
+        order=np.argsort(-ls)
+        sizes=np.bincount(assign[:vis],minlength=k)
+        cum=np.cumsum(sizes[order])
+        intop=np.zeros(k,int); np.add.at(intop,assign[top],1)
+        for f in fracs:
+            n=np.searchsorted(cum,f*vis)+1
+            res[f].append(intop[order[:n]].sum()/100)
+    return {f:np.mean(v) for f,v in res.items()}
+LS=32
+def run(path, nq=48, fracs=(0.03,0.05,0.1,0.2,0.4), modes=('plain','maha')):
+    d=load(path); md=d['__metadata__']
+    K=d['keys'].astype(np.float32); Qe=d['queries'].astype(np.float32); Qt=d['train_queries'].astype(np.float32)
+    qpos=d['query_positions']; L,kvh,T,D=K.shape; qh=Qe.shape[1]; g=qh//kvh
+    rng=np.random.default_rng(1)
+    for mode in modes:
+        tot={f:[] for f in fracs}
+        for l in range(L):
+            for h in range(kvh):
+                Kh=K[l,h]; k=T//LS
+                Qtr=Qt[l,h*g:(h+1)*g].reshape(-1,D)
+                if mode.startswith('plain'): X=Kh
+                else:
+                    M=Qtr.T@Qtr/len(Qtr)
+                    w,V=np.linalg.eigh(M); w=np.maximum(w,1e-6*w.max())
+                    X=Kh@(V*np.sqrt(w))
+                a=kmeans(X,k)
+                C=np.zeros((k,D)); np.add.at(C,a,Kh); C/=np.maximum(np.bincount(a,minlength=k),1)[:,None]
+                var=np.zeros((k,D)); np.add.at(var,a,Kh*Kh); var=var/np.maximum(np.bincount(a,minlength=k),1)[:,None]-C*C; var=np.maximum(var,0)
+                alpha=float(mode.split('+')[1]) if '+' in mode else 0.0
+                rad=np.sqrt(var.sum(1))/np.sqrt(D)
+                if 'iso' in mode: route=lambda q: C@q+alpha*np.linalg.norm(q)*rad
+                else: route=lambda q: C@q+alpha*np.sqrt(var@(q*q))
+                sel=rng.choice(Qe.shape[2],nq,replace=False)
+                Qs=Qe[l,h*g:(h+1)*g][:,sel].reshape(-1,D); ps=np.tile(qpos[sel],g)
+                r=evaluate(Kh,Qs,ps,a,k,route,fracs)
+                for f in fracs: tot[f].append(r[f])
+        print(path.split('/')[-1], mode, {f:round(float(np.mean(v)),3) for f,v in tot.items()}, flush=True)
+if __name__=='__main__':
+    LS=int(sys.argv[3]) if len(sys.argv)>3 else 32
+    run(sys.argv[1], modes=sys.argv[2].split(','))
