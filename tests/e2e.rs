@@ -460,8 +460,20 @@ fn target_mass_attends_within_the_cap_and_less_for_an_easy_target() {
                     .search_with_static(l, kvh, q, p, &easy, Some(lse))
                     .unwrap();
                 assert!(r.tokens.len() <= cap.budget_tokens(p));
-                // Attended tokens are the best of the full-budget answer, best first.
-                assert_eq!(r.tokens[..], full.tokens[..r.tokens.len()]);
+                // Attended tokens are the best of the full-budget answer (which comes in no
+                // particular order).
+                let mut by_score: Vec<(f32, u32)> = full
+                    .scores
+                    .iter()
+                    .copied()
+                    .zip(full.tokens.iter().copied())
+                    .collect();
+                by_score.sort_by(|a, b| b.0.total_cmp(&a.0));
+                let mut want: Vec<u32> = by_score[..r.tokens.len()].iter().map(|x| x.1).collect();
+                let mut got = r.tokens.clone();
+                want.sort_unstable();
+                got.sort_unstable();
+                assert_eq!(got, want);
                 // Without the caller's static sum it is estimated from codes: still within cap.
                 let c = index.search(l, kvh, q, p, &easy).unwrap();
                 assert!(c.tokens.len() <= cap.budget_tokens(p));

@@ -1,12 +1,9 @@
 //! Softmax attention of one query over a set of rows, returning the output and its log-sum-exp
 //! (natural log of Σ exp(scale·q·k)), so partial attentions over disjoint sets merge exactly.
 
-/// Output `o` (dim floats) and `lse` of attention over the given logits and value rows.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Attended {
-    pub output: Vec<f32>,
-    pub lse: f32,
-}
+/// Output `o` (dim floats) and `lse` of attention over a token set. Defined by the index crate,
+/// whose search can return the attention over the tokens it retrieved.
+pub use strata_index::search::Attended;
 
 /// Attention over precomputed logits (`scale·q·k`) and their value rows (`logits.len() × dim`).
 /// An empty set gives a zero output and `lse = -inf`.

@@ -9,6 +9,7 @@ use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use strata_index::manifest::SourceInfo;
+use strata_index::search::Gather;
 use strata_index::{build_index_from, BuildInput, BuildParams, HeadArrays, Index, SearchParams};
 use strata_storage::cache::{as_prefetch, CacheStats, RamCache};
 use strata_storage::durable::AtomicFile;
@@ -482,7 +483,10 @@ fn prefetch_layer(s: &Arc<Session>, layer: usize, queries: &[f32], margin: f32) 
             let qs: Vec<&[f32]> = (h * group..(h + 1) * group)
                 .map(|qh| &queries[qh * dim..(qh + 1) * dim])
                 .collect();
-            if let Err(e) = s.base.search_group(layer, h, &qs, base_last, &params, None) {
+            if let Err(e) =
+                s.base
+                    .search_group(layer, h, &qs, base_last, &params, None, Gather::Attention)
+            {
                 log::debug!("prefetch of session {} layer {layer}: {e}", s.id);
                 return;
             }

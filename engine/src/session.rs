@@ -10,6 +10,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use strata_index::linalg::dot;
 use strata_index::manifest::SourceInfo;
+use strata_index::search::Gather;
 use strata_index::{
     build_index_from, BuildInput, BuildParams, HeadArrays, Index, IndexError, Retrieved,
     SearchParams,
@@ -420,9 +421,12 @@ impl Session {
                     base_last,
                     &base_params,
                     None,
+                    Gather::Attention,
                 )?);
                 for (d, dp) in st_ref.deltas.iter().zip(&delta_params) {
-                    let mut rs = d.index.search_group(0, h, &qs, d.len - 1, dp, None)?;
+                    let mut rs =
+                        d.index
+                            .search_group(0, h, &qs, d.len - 1, dp, None, Gather::Attention)?;
                     for r in &mut rs {
                         r.tokens.iter_mut().for_each(|t| *t += d.start as u32);
                     }
@@ -446,14 +450,19 @@ impl Session {
                         tel.ssd_bytes += s.ssd_bytes;
                         tel.ssd_reads += s.ssd_reads;
                         tel.retrieved_tokens += r.tokens.len() as u64;
-                        let Some(values) = &r.values else {
-                            return Err(EngineError::BadInput {
-                                id: self.id,
-                                problem: "search returned no values".into(),
-                            });
-                        };
-                        let logits: Vec<f32> = r.scores.iter().map(|s| scale * s).collect();
-                        pieces.push(attend_f32(&logits, values, dim));
+                        match (&r.attention, &r.values) {
+                            (Some(a), _) => pieces.push(a.clone()),
+                            (None, Some(values)) => {
+                                let logits: Vec<f32> = r.scores.iter().map(|s| scale * s).collect();
+                                pieces.push(attend_f32(&logits, values, dim));
+                            }
+                            (None, None) => {
+                                return Err(EngineError::BadInput {
+                                    id: self.id,
+                                    problem: "search returned neither values nor attention".into(),
+                                })
+                            }
+                        }
                         if let Some(rem) = r.remainder.as_ref().filter(|r| r.tokens > 0) {
                             pieces.push(Attended {
                                 output: rem.output.clone(),

@@ -66,12 +66,34 @@ pub struct Retrieved {
     pub tokens: Vec<u32>,
     /// Exact `q·k` of each token (unscaled).
     pub scores: Vec<f32>,
-    /// Values of the tokens (`tokens × dim`), when the method read them itself.
+    /// Values of the tokens (`tokens × dim`), when the method read them itself and was asked
+    /// for rows ([`Gather::Values`]).
     pub values: Option<Vec<f32>>,
+    /// Attention over the tokens (`scale·score` logits, their values), when asked for it
+    /// ([`Gather::Attention`]): the values are read once from the lists, never copied.
+    pub attention: Option<Attended>,
     /// Estimated attention over the visible, non-static tokens not attended exactly (None when
     /// the method does not estimate); merge it with the exact part by log-sum-exp.
     pub remainder: Option<Remainder>,
     pub stats: SearchStats,
+}
+
+/// Output `o` (dim floats) and `lse` (natural log of Σ exp(logit)) of attention over a token
+/// set, so that attentions over disjoint sets merge exactly.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Attended {
+    pub output: Vec<f32>,
+    pub lse: f32,
+}
+
+/// What a search returns about the tokens it attends, beyond their ids and scores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gather {
+    /// Their value rows, as f32 (`Retrieved::values`).
+    Values,
+    /// The attention over them (`Retrieved::attention`): what a decode step needs, computed
+    /// while the value rows are read, without materialising them.
+    Attention,
 }
 
 /// Estimated attention over the tokens a search did not attend exactly, in the convention of
@@ -335,7 +357,7 @@ impl Index {
                 let io_started = Instant::now();
                 let bufs = self.fetch_lists(p.head, &p.need, &mut p.stats)?;
                 p.stats.io_ns = io_started.elapsed().as_nanos() as u64;
-                self.finish(*p, &bufs)
+                self.finish(*p, &bufs, Gather::Values)
             }
         }
     }
@@ -343,7 +365,9 @@ impl Index {
     /// Searches the query heads of one KV head's group together (GQA): each query is planned
     /// on its own (centroids, codes, candidates), the union of the lists they need is read once,
     /// then each is re-ranked exactly. Results are those of [`Index::search_with_static`] per
-    /// query; the list reads are counted in the first query's stats.
+    /// query, with values or attention as `gather` asks; the list reads are counted in the
+    /// first query's stats.
+    #[allow(clippy::too_many_arguments)]
     pub fn search_group(
         &self,
         layer_slot: usize,
@@ -352,6 +376,7 @@ impl Index {
         position: usize,
         params: &SearchParams,
         static_lses: Option<&[f32]>,
+        gather: Gather,
     ) -> IndexResult<Vec<Retrieved>> {
         let mut outs: Vec<Option<Retrieved>> = Vec::with_capacity(queries.len());
         let mut plans = Vec::new();
@@ -394,7 +419,7 @@ impl Index {
                 .iter()
                 .map(|l| bufs[union.binary_search(l).unwrap_or(0)].clone())
                 .collect();
-            outs[i] = Some(self.finish(*p, &mine)?);
+            outs[i] = Some(self.finish(*p, &mine, gather)?);
         }
         Ok(outs.into_iter().flatten().collect())
     }
@@ -605,7 +630,12 @@ impl Index {
 
     /// Steps 3 and 4: exact re-ranking from the lists read (`bufs`, in the order of
     /// `plan.need`), the remainder estimate and the adaptive budget.
-    fn finish(&self, plan: Planned<'_>, bufs: &[Arc<AlignedBuf>]) -> IndexResult<Retrieved> {
+    fn finish(
+        &self,
+        plan: Planned<'_>,
+        bufs: &[Arc<AlignedBuf>],
+        gather: Gather,
+    ) -> IndexResult<Retrieved> {
         let finish_started = Instant::now();
         let Planned {
             head,
@@ -634,57 +664,65 @@ impl Index {
         let dim = q.len();
         let budget = params.budget_tokens(position);
         let estimate = params.estimates();
-        // 3. Read the needed lists and re-rank every member exactly.
-        // Only the candidates are scored exactly: the codes already ranked every probed member,
-        // and re-scoring whole lists would cost full-key work for tokens the codes ruled out.
-        // `wanted[t]` is 1 + the candidate index of token t, 0 when t is not a candidate.
-        // Candidates grouped by their (primary) list, so each list's members are matched against
-        // its own few candidates; no per-query array over the whole context.
-        let mut by_list: Vec<(u32, u32, u32)> = best
+        // 3. Re-rank the candidates exactly from the lists read. Only the candidates are
+        // scored exactly: the codes already ranked every probed member, and re-scoring whole
+        // lists would cost full-key work for tokens the codes ruled out. The plan appended
+        // candidates list by list, so their indices in ascending order come grouped by list.
+        let mut order = best;
+        order.sort_unstable();
+        let views = bufs
             .iter()
-            .map(|&i| (cand_lists[i as usize], cand_tokens[i as usize], i))
-            .collect();
-        by_list.sort_unstable();
-        let mut ex_tokens: Vec<u32> = Vec::with_capacity(by_list.len());
-        let mut ex_scores: Vec<f32> = Vec::with_capacity(by_list.len());
-        let mut ex_cand: Vec<u32> = Vec::with_capacity(by_list.len());
-        let mut ex_rows: Vec<(u32, u32)> = Vec::with_capacity(by_list.len());
-        let mut views = Vec::with_capacity(bufs.len());
-        for (bi, (buf, &l)) in bufs.iter().zip(&need).enumerate() {
-            let list = parse_list(buf, l, dim).map_err(|problem| IndexError::Open {
-                path: self.segments[head.segment.to_native() as usize]
-                    .path()
-                    .to_path_buf(),
-                problem: format!("list {l}: {problem}"),
-            })?;
-            let from = by_list.partition_point(|c| c.0 < l);
-            let to = by_list.partition_point(|c| c.0 <= l);
-            for &(_, t, ci) in &by_list[from..to] {
-                // A candidate's row is its rank among its list's primary members, which the
-                // list stores first and in the manifest's order.
-                let r = cand_rows[ci as usize] as usize;
-                if r >= list.len() || list.id(r) != t {
-                    return Err(IndexError::Open {
-                        path: self.dir.clone(),
-                        problem: format!("list {l} lacks its member {t} at row {r}"),
-                    });
-                }
-                ex_cand.push(ci);
-                ex_tokens.push(t);
-                ex_scores.push(dot_f16_bytes(list.key_bytes(r), q));
-                ex_rows.push((bi as u32, r as u32));
+            .zip(&need)
+            .map(|(buf, &l)| {
+                parse_list(buf, l, dim).map_err(|problem| IndexError::Open {
+                    path: self.segments[head.segment.to_native() as usize]
+                        .path()
+                        .to_path_buf(),
+                    problem: format!("list {l}: {problem}"),
+                })
+            })
+            .collect::<IndexResult<Vec<_>>>()?;
+        let mut ex_tokens: Vec<u32> = Vec::with_capacity(order.len());
+        let mut ex_scores: Vec<f32> = Vec::with_capacity(order.len());
+        let mut ex_cand: Vec<u32> = Vec::with_capacity(order.len());
+        let mut ex_rows: Vec<(u32, u32)> = Vec::with_capacity(order.len());
+        let mut run_list = (u32::MAX, 0usize);
+        for &ci in &order {
+            let (l, t) = (cand_lists[ci as usize], cand_tokens[ci as usize]);
+            if run_list.0 != l {
+                let bi = need.binary_search(&l).map_err(|_| IndexError::Open {
+                    path: self.dir.clone(),
+                    problem: format!("list {l} holds a candidate but was not read"),
+                })?;
+                run_list = (l, bi);
             }
-            views.push(list);
+            let (list, bi) = (&views[run_list.1], run_list.1);
+            // A candidate's row is its rank among its list's primary members, which the list
+            // stores first and in the manifest's order.
+            let r = cand_rows[ci as usize] as usize;
+            if r >= list.len() || list.id(r) != t {
+                return Err(IndexError::Open {
+                    path: self.dir.clone(),
+                    problem: format!("list {l} lacks its member {t} at row {r}"),
+                });
+            }
+            ex_cand.push(ci);
+            ex_tokens.push(t);
+            ex_scores.push(dot_f16_bytes(list.key_bytes(r), q));
+            ex_rows.push((bi as u32, r as u32));
         }
         stats.keys_scored = ex_tokens.len() as u64;
         stats.key_bytes = stats.keys_scored * dim as u64 * 2;
-        // The best `budget` exactly scored tokens, best first.
+        // The best `budget` exactly scored tokens; best first only where the adaptive budget
+        // walks them in that order.
         let mut top = top_k_indices(&ex_scores, budget);
-        top.sort_unstable_by(|&a, &b| {
-            ex_scores[b as usize]
-                .total_cmp(&ex_scores[a as usize])
-                .then(a.cmp(&b))
-        });
+        if params.target_mass.is_some() {
+            top.sort_unstable_by(|&a, &b| {
+                ex_scores[b as usize]
+                    .total_cmp(&ex_scores[a as usize])
+                    .then(a.cmp(&b))
+            });
+        }
 
         // 4. Remainder estimate and adaptive budget.
         let mut remainder = None;
@@ -755,15 +793,31 @@ impl Index {
         }
 
         stats.value_bytes = top.len() as u64 * dim as u64 * 2;
-        let mut values = Vec::with_capacity(top.len() * dim);
-        for &i in &top {
+        let value_row = |i: u32| {
             let (bi, r) = ex_rows[i as usize];
-            f16_bytes_to_f32(views[bi as usize].value_bytes(r as usize), &mut values);
-        }
+            views[bi as usize].value_bytes(r as usize)
+        };
+        let (values, attention) = match gather {
+            Gather::Values => {
+                let mut values = Vec::with_capacity(top.len() * dim);
+                for &i in &top {
+                    f16_bytes_to_f32(value_row(i), &mut values);
+                }
+                (Some(values), None)
+            }
+            Gather::Attention => {
+                let logits = top.iter().map(|&i| scale * ex_scores[i as usize]);
+                (
+                    None,
+                    Some(attend_rows(logits, top.iter().map(|&i| value_row(i)), dim)),
+                )
+            }
+        };
         let mut out = Retrieved {
             tokens: top.iter().map(|&i| ex_tokens[i as usize]).collect(),
             scores: top.iter().map(|&i| ex_scores[i as usize]).collect(),
-            values: Some(values),
+            values,
+            attention,
             remainder,
             stats,
         };
@@ -966,6 +1020,39 @@ impl EstimateContext<'_> {
             }
         }
         log_sum_exp(logits.iter().map(|&l| (l, 1.0)))
+    }
+}
+
+/// Attention over `logits` and their f16 value rows, in f32, converting each row once into a
+/// small buffer: the rows are read where they lie.
+fn attend_rows<'r>(
+    logits: impl Iterator<Item = f32> + Clone,
+    rows: impl Iterator<Item = &'r [u8]>,
+    dim: usize,
+) -> Attended {
+    let max = logits.clone().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return Attended {
+            output: vec![0.0; dim],
+            lse: f32::NEG_INFINITY,
+        };
+    }
+    let mut out = vec![0f32; dim];
+    let mut row = vec![0f32; dim];
+    let mut denom = 0f32;
+    for (l, bytes) in logits.zip(rows) {
+        let w = (l - max).exp();
+        denom += w;
+        crate::simd::f16_to_f32(bytes, &mut row);
+        for (o, x) in out.iter_mut().zip(&row) {
+            *o = w.mul_add(*x, *o);
+        }
+    }
+    let inv = 1.0 / denom;
+    out.iter_mut().for_each(|o| *o *= inv);
+    Attended {
+        output: out,
+        lse: max + denom.ln(),
     }
 }
 

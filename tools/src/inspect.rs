@@ -91,7 +91,7 @@ pub fn run(dir: Option<&Path>, defaults: bool, verify: bool) -> Result<()> {
     println!("  built in    {:.2} s", m.build_seconds.to_native());
     print_table("build parameters", &param_rows(&build), &build_defaults);
     println!(
-        "per head: lists, members/list (min/mean/max), replicas, groups, radius mean, segment MiB"
+        "per head: lists, members/list (min/mean/max), replicas, groups, radius mean, segment MiB, clustering metric"
     );
     for h in m.heads.iter() {
         let starts = u32s(&h.primary_start);
@@ -106,7 +106,7 @@ pub fn run(dir: Option<&Path>, defaults: bool, verify: bool) -> Result<()> {
             .map(|l| l.padded_len.to_native() as u64)
             .sum();
         println!(
-            "  layer {:>2} kv {:>2}: {:>5} lists, {}/{:.1}/{} members, {:>6} replicas, {:>3} groups, radius {:.3}, {:.2} MiB",
+            "  layer {:>2} kv {:>2}: {:>5} lists, {}/{:.1}/{} members, {:>6} replicas, {:>3} groups, radius {:.3}, {:.2} MiB, {}",
             src.layers[h.layer_slot.to_native() as usize],
             h.kv_head,
             sizes.len(),
@@ -117,6 +117,10 @@ pub fn run(dir: Option<&Path>, defaults: bool, verify: bool) -> Result<()> {
             h.group_start.len().saturating_sub(1),
             radius.iter().sum::<f32>() / radius.len().max(1) as f32,
             seg_bytes as f64 / (1 << 20) as f64,
+            match h.metric_queries.to_native() {
+                0 => "key distance".to_string(),
+                n => format!("query-aware ({n} queries)"),
+            },
         );
     }
     if verify {

@@ -116,6 +116,7 @@ pub trait HeadRetriever: Send + Sync {
             tokens: top.iter().map(|&i| toks[i as usize]).collect(),
             scores: top.iter().map(|&i| scores[i as usize]).collect(),
             values: None,
+            attention: None,
             remainder: None,
             stats,
         })
