@@ -129,10 +129,21 @@ impl ScalarQuantizer {
             weights[(d % cpb) * nbytes + d / cpb] = (wd / unit).round() as i16;
         }
         let bias = q.iter().zip(&self.lo).map(|(a, b)| a * b).sum();
+        let nibble_pairs = if self.bits == 4 {
+            (0..nbytes)
+                .map(|k| {
+                    let (lo, hi) = (weights[k], weights[nbytes + k]);
+                    ((hi as u16 as u32) << 16 | lo as u16 as u32) as i32
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         CodeQuery {
             bits: self.bits,
             nbytes,
             weights,
+            nibble_pairs,
             unit,
             bias,
         }
@@ -144,6 +155,9 @@ pub struct CodeQuery {
     bits: u32,
     nbytes: usize,
     weights: Vec<i16>,
+    /// For 4-bit codes: per byte, the weights of its low and high nibble packed as one i32
+    /// (low 16 bits, high 16 bits), for the two-dimensions-per-instruction block scan.
+    nibble_pairs: Vec<i32>,
     unit: f32,
     bias: f32,
 }
@@ -170,6 +184,14 @@ impl CodeQuery {
     /// Approximate `q·k` for the [`CODE_BLOCK`] keys of one block.
     #[inline]
     pub fn score_block(&self, block: &[u8], out: &mut [f32; CODE_BLOCK]) {
+        if self.bits == 4 {
+            if let Some(acc) = crate::simd::score_nibble_block(block, &self.nibble_pairs) {
+                for i in 0..CODE_BLOCK {
+                    out[i] = self.bias + acc[i] as f32 * self.unit;
+                }
+                return;
+            }
+        }
         let mask = ((1u32 << self.bits) - 1) as u8;
         let cpb = 8 / self.bits as usize;
         let mut acc = [0i32; CODE_BLOCK];

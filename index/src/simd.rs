@@ -1,7 +1,8 @@
 //! The hand-written F16C kernels of the hot paths: the inner product of an f16 key (as stored
 //! in a posting list) with an f32 query, eight halves at a time, without converting the key
-//! into a buffer first (re-ranking calls it for every candidate key); and f16 → f32 conversion
-//! of rows (values attended, list mean values).
+//! into a buffer first (re-ranking calls it for every candidate key); f16 → f32 conversion of
+//! rows (values attended, list mean values); and the 4-bit code block scan, two dimensions per
+//! `pmaddwd`.
 
 /// `Σ k_i · q_i` with `k` given as little-endian f16 bytes (`2 · q.len()` of them).
 #[inline]
@@ -59,6 +60,48 @@ fn convert_accelerated(bytes: &[u8], out: &mut [f32]) -> usize {
 #[inline]
 fn convert_accelerated(_bytes: &[u8], _out: &mut [f32]) -> usize {
     0
+}
+
+/// Scores one block of 4-bit codes (`pairs.len()` bytes of [`crate::codes::CODE_BLOCK`] = 16
+/// keys each, byte-major): key i gets `Σ_k w_lo[k]·lo(block[k][i]) + w_hi[k]·hi(block[k][i])`,
+/// with `pairs[k]` holding `w_lo` in its low and `w_hi` in its high 16 bits. None without AVX2,
+/// where the caller's scalar loop does the work.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+#[inline]
+pub fn score_nibble_block(block: &[u8], pairs: &[i32]) -> Option<[i32; 16]> {
+    use std::arch::x86_64::*;
+    if block.len() < 16 * pairs.len() {
+        return None;
+    }
+    let mut out = [0i32; 16];
+    // SAFETY: the cfg guarantees AVX2 at compile time. Byte k of the block is read at
+    // [16k, 16k + 16) with k < pairs.len(), inside `block` (checked above); the two stores
+    // write 8 i32 each into `out`, which holds 16. All loads and stores are unaligned.
+    unsafe {
+        let mask = _mm_set1_epi8(0x0F);
+        let mut acc0 = _mm256_setzero_si256();
+        let mut acc1 = _mm256_setzero_si256();
+        for (k, &p) in pairs.iter().enumerate() {
+            let lanes = _mm_loadu_si128(block.as_ptr().add(16 * k) as *const __m128i);
+            let lo = _mm_and_si128(lanes, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16(lanes, 4), mask);
+            // (lo, hi) of keys 0..7, then of keys 8..15, widened to i16 pairs.
+            let a = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(lo, hi));
+            let b = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(lo, hi));
+            let w = _mm256_set1_epi32(p);
+            acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(a, w));
+            acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(b, w));
+        }
+        _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, acc0);
+        _mm256_storeu_si256(out.as_mut_ptr().add(8) as *mut __m256i, acc1);
+    }
+    Some(out)
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
+#[inline]
+pub fn score_nibble_block(_block: &[u8], _pairs: &[i32]) -> Option<[i32; 16]> {
+    None
 }
 
 /// The SIMD part: the sum over the first `8·⌊n/8⌋` elements and that count.
