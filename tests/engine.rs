@@ -143,6 +143,35 @@ fn steps_with_full_budget_equal_exact_attention_through_folds() {
         "the old tail was never folded into a delta index"
     );
     assert_eq!(e.info(id).unwrap().lengths, vec![PREFILL + 300; 2]);
+    // Folds are clustered under the metric of the recent steps' queries.
+    let dir = e.info(id).unwrap().dir;
+    let mut deltas = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if !path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("delta-")
+        {
+            continue;
+        }
+        let index = strata_index::Index::open(
+            &path,
+            ReaderPreference::Auto,
+            std::sync::Arc::new(strata_storage::cache::RamCache::new(0)),
+        )
+        .unwrap();
+        for h in index.manifest().heads.iter() {
+            assert!(
+                h.metric_queries > 0,
+                "{}: fold without queries",
+                path.display()
+            );
+        }
+        deltas += 1;
+    }
+    assert!(deltas > 0, "no delta index in {}", dir.display());
 }
 
 #[test]

@@ -14,6 +14,11 @@ pub struct EngineParams {
     /// Appended tokens older than the recent window are attended exactly (static) until this
     /// many have gathered; then they are folded into a delta index in the background.
     pub fold_tokens: u32,
+    /// The queries of the last this many steps of each layer are kept (for each KV head, its
+    /// query heads' rows) and fitted as the query-aware metric of each fold
+    /// (`BuildParams::query_aware`), as prefill queries are for the base index. 0 folds by
+    /// key distance.
+    pub fold_query_steps: u32,
     /// Rank the lists of step t+1 with step t's queries and read them ahead on a background
     /// thread.
     pub prefetch: bool,
@@ -30,6 +35,7 @@ impl Default for EngineParams {
             ram_cache_bytes: 2 << 30,
             disk_budget_bytes: 64 << 30,
             fold_tokens: 4096,
+            fold_query_steps: 128,
             prefetch: true,
             prefetch_margin: 3.0,
         }

@@ -259,6 +259,7 @@ impl Engine {
             &index,
             &self.search,
             self.params.fold_tokens as usize,
+            self.params.fold_query_steps as usize,
         )?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let session = Arc::new(Session {
@@ -314,10 +315,12 @@ impl Engine {
         );
         let lists = n.div_ceil(self.build.list_size as u64);
         let code = d.div_ceil(8 / self.build.code_bits as u64);
-        // Mapped manifest: codes and ids per token, centroids and value sums per list; plus the
-        // resident static rows (sinks and the window's edge, f32 keys and values).
+        // Mapped manifest: codes and ids per token, centroid codes and mean values per list
+        // (counted at 8 bytes a dimension, an upper bound); the resident static rows (sinks and
+        // the window's edge, f32 keys and values); the recent queries kept for folds.
         let resident = l * kv * (n * (code + 4 + 4) + lists * d * 8)
-            + l * kv * (self.search.sink_tokens + self.search.recent_tokens) as u64 * d * 8;
+            + l * kv * (self.search.sink_tokens + self.search.recent_tokens) as u64 * d * 8
+            + l * spec.q_heads as u64 * self.params.fold_query_steps as u64 * d * 4;
         // Segments: ids + f16 keys and values, 4 KiB padding and replicas (about a third more).
         let disk = if reused {
             0

@@ -183,6 +183,58 @@ pub(crate) struct LayerState {
     pub fold_error: Option<String>,
     /// Unfolded tail size at which the next fold starts (grows after a failed fold).
     pub next_fold_at: usize,
+    /// Per KV head, the recent steps' queries of its query heads: the next fold's metric.
+    pub recent_queries: Vec<QueryRing>,
+}
+
+/// The last `capacity` query rows seen, overwriting the oldest (their order does not matter:
+/// only their second moment is used).
+pub(crate) struct QueryRing {
+    rows: Vec<f32>,
+    dim: usize,
+    capacity: usize,
+    next: usize,
+    filled: usize,
+}
+
+impl QueryRing {
+    fn new(dim: usize, capacity: usize) -> Self {
+        QueryRing {
+            rows: Vec::new(),
+            dim,
+            capacity,
+            next: 0,
+            filled: 0,
+        }
+    }
+
+    fn push(&mut self, row: &[f32]) {
+        if self.capacity == 0 {
+            return;
+        }
+        if self.rows.len() < self.capacity * self.dim {
+            self.rows.extend_from_slice(row);
+        } else {
+            self.rows[self.next * self.dim..(self.next + 1) * self.dim].copy_from_slice(row);
+        }
+        self.next = (self.next + 1) % self.capacity;
+        self.filled = (self.filled + 1).min(self.capacity);
+    }
+
+    fn rows(&self) -> &[f32] {
+        &self.rows[..self.filled * self.dim]
+    }
+
+    fn bytes(&self) -> u64 {
+        (self.rows.capacity() * 4) as u64
+    }
+}
+
+/// What a fold builds one KV head's delta index from: the folded rows and the recent queries.
+struct FoldRows {
+    keys: Vec<f32>,
+    values: Vec<f32>,
+    queries: Vec<f32>,
 }
 
 pub(crate) struct Session {
@@ -212,7 +264,9 @@ impl Session {
         base: &Index,
         search: &SearchParams,
         fold_tokens: usize,
+        fold_query_steps: usize,
     ) -> EngineResult<Vec<Mutex<LayerState>>> {
+        let group = spec.q_heads / spec.kv_heads.max(1);
         let n = spec.token_ids.len();
         let sinks = (search.sink_tokens as usize).min(n);
         let edge_start = n.saturating_sub(search.recent_tokens as usize).max(sinks);
@@ -241,6 +295,9 @@ impl Session {
                 fold_running: None,
                 fold_error: None,
                 next_fold_at: fold_tokens,
+                recent_queries: (0..spec.kv_heads)
+                    .map(|_| QueryRing::new(spec.head_dim, fold_query_steps * group))
+                    .collect(),
             }));
         }
         Ok(layers)
@@ -271,6 +328,7 @@ impl Session {
                 g.sinks.bytes()
                     + g.edge.bytes()
                     + g.tail.bytes()
+                    + g.recent_queries.iter().map(QueryRing::bytes).sum::<u64>()
                     + g.deltas
                         .iter()
                         .map(|d| d.index.mapped_bytes() as u64)
@@ -357,9 +415,13 @@ impl Session {
         self.install_fold(layer, &mut st);
         // Append: the new token is position `len`, inside the recent window from now on.
         let p = st.len;
+        let group = spec.group_size();
         for h in 0..spec.kv_heads {
             st.tail.k[h].extend_from_slice(&new_k[h * dim..(h + 1) * dim]);
             st.tail.v[h].extend_from_slice(&new_v[h * dim..(h + 1) * dim]);
+            for qh in h * group..(h + 1) * group {
+                st.recent_queries[h].push(&queries[qh * dim..(qh + 1) * dim]);
+            }
         }
         st.len += 1;
 
@@ -571,12 +633,11 @@ impl Session {
         let (start, end) = (st.folded_upto, window_start);
         let dim = self.spec.head_dim;
         let off = start - self.base_tokens;
-        let rows: Vec<(Vec<f32>, Vec<f32>)> = (0..self.spec.kv_heads)
-            .map(|h| {
-                (
-                    st.tail.k[h][off * dim..(end - self.base_tokens) * dim].to_vec(),
-                    st.tail.v[h][off * dim..(end - self.base_tokens) * dim].to_vec(),
-                )
+        let rows: Vec<FoldRows> = (0..self.spec.kv_heads)
+            .map(|h| FoldRows {
+                keys: st.tail.k[h][off * dim..(end - self.base_tokens) * dim].to_vec(),
+                values: st.tail.v[h][off * dim..(end - self.base_tokens) * dim].to_vec(),
+                queries: st.recent_queries[h].rows().to_vec(),
             })
             .collect();
         let done = Arc::new(AtomicBool::new(false));
@@ -594,13 +655,7 @@ impl Session {
         });
     }
 
-    fn build_delta(
-        &self,
-        layer: usize,
-        start: usize,
-        end: usize,
-        rows: &[(Vec<f32>, Vec<f32>)],
-    ) -> FoldResult {
+    fn build_delta(&self, layer: usize, start: usize, end: usize, rows: &[FoldRows]) -> FoldResult {
         let dir = delta_dir(&self.dir, layer, start, end);
         let input = BuildInput {
             source: SourceInfo {
@@ -617,11 +672,10 @@ impl Session {
             },
             heads: rows
                 .iter()
-                // Folded tokens are clustered by key distance: the session keeps no queries.
-                .map(|(k, v)| HeadArrays {
-                    keys: k,
-                    values: v,
-                    queries: &[],
+                .map(|r| HeadArrays {
+                    keys: &r.keys,
+                    values: &r.values,
+                    queries: &r.queries,
                 })
                 .collect(),
         };
