@@ -18,11 +18,12 @@ pub struct QueryMetric {
 }
 
 impl QueryMetric {
-    /// Fits the metric to `queries` (`rows × dim`, row-major). None when there are no queries
-    /// or they carry no energy (all zero), in which case plain key distance is the only choice.
+    /// Fits the metric to `queries` (`rows × dim`, row-major). None when there are fewer rows
+    /// than dimensions (M would be rank-deficient and the ridge alone would weigh most
+    /// directions) or the queries carry no energy (all zero): plain key distance is used then.
     pub fn fit(queries: &[f32], dim: usize, ridge: f32) -> Option<QueryMetric> {
         let rows = queries.len() / dim.max(1);
-        if rows == 0 || dim == 0 {
+        if dim == 0 || rows < dim {
             return None;
         }
         let mut m = vec![0f64; dim * dim];
@@ -114,8 +115,10 @@ mod tests {
     }
 
     #[test]
-    fn no_queries_or_zero_queries_give_no_metric() {
+    fn too_few_or_zero_queries_give_no_metric() {
         assert!(QueryMetric::fit(&[], 4, 1e-3).is_none());
-        assert!(QueryMetric::fit(&[0.0; 8], 4, 1e-3).is_none());
+        assert!(QueryMetric::fit(&[0.0; 16], 4, 1e-3).is_none());
+        // Fewer queries than dimensions.
+        assert!(QueryMetric::fit(&[1.0; 12], 4, 1e-3).is_none());
     }
 }

@@ -38,9 +38,10 @@ pub struct BuildParams {
     pub replica_epsilon: f32,
     /// Bits per dimension of the in-RAM key codes used for candidate scoring (1, 2, 4 or 8).
     pub code_bits: u32,
-    /// Query-aware clustering: when the source has prefill queries (a dump's `train_queries`),
-    /// cluster keys under the metric `(k1-k2)ᵀ M (k1-k2)` with `M = E[q qᵀ]` over those queries,
-    /// so that keys that score alike for real queries share a list. false: plain key distance.
+    /// Query-aware clustering: when the source has at least `dim` prefill queries per KV head
+    /// (a dump's `train_queries`), cluster keys under the metric `(k1-k2)ᵀ M (k1-k2)` with
+    /// `M = E[q qᵀ]` over those queries, so that keys that score alike for real queries share a
+    /// list. false: plain key distance.
     pub query_aware: bool,
     /// Ridge added to `M` as a fraction of its mean eigenvalue (`trace / dim`), so that
     /// directions no training query looks at still separate keys a little.
