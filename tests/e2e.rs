@@ -7,6 +7,7 @@ use strata_engine::attention::{attend_logits, merge, Attended};
 use strata_engine::metrics::{output_error, ExactAttention};
 use strata_index::linalg::dot;
 use strata_index::params::SearchParams;
+use strata_index::search::log_sum_exp;
 use strata_index::{build_index, BuildParams, Index, IndexError, Retrieved};
 use strata_storage::cache::RamCache;
 use strata_storage::kvdump::KvDump;
@@ -449,13 +450,11 @@ fn target_mass_attends_within_the_cap_and_less_for_an_easy_target() {
                 let full = index.search(l, kvh, q, p, &cap).unwrap();
                 // The caller's exact static log-sum-exp, as the engine passes it.
                 let keys = dump.keys.slice2(l, kvh);
-                let s: Vec<f32> = cap
-                    .static_tokens(p)
-                    .iter()
-                    .map(|&t| scale * dot(&keys[t as usize * dim..(t as usize + 1) * dim], q))
-                    .collect();
-                let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let lse = m + s.iter().map(|x| (x - m).exp()).sum::<f32>().ln();
+                let static_tokens = cap.static_tokens(p);
+                let lse = log_sum_exp(static_tokens.iter().map(|&t| {
+                    let key = &keys[t as usize * dim..(t as usize + 1) * dim];
+                    (scale * dot(key, q), 1.0)
+                }));
                 let r = index
                     .search_with_static(l, kvh, q, p, &easy, Some(lse))
                     .unwrap();

@@ -1056,8 +1056,8 @@ fn attend_rows<'r>(
     }
 }
 
-/// `ln Σ m·exp(l)` over `(l, m)` pairs; -inf when empty.
-fn log_sum_exp(terms: impl Iterator<Item = (f32, f32)> + Clone) -> f32 {
+/// `ln Σ m·exp(l)` over `(l, m)` pairs (summed in f64); -inf when empty.
+pub fn log_sum_exp(terms: impl Iterator<Item = (f32, f32)> + Clone) -> f32 {
     let max = terms
         .clone()
         .filter(|t| t.1 > 0.0)

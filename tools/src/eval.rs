@@ -17,6 +17,7 @@ use strata_index::baselines::ivf::PlainIvf;
 use strata_index::baselines::{BaselineParams, HeadRetriever};
 use strata_index::linalg::dot;
 use strata_index::params::{apply_overrides, apply_owned_overrides};
+use strata_index::search::log_sum_exp;
 #[cfg(not(feature = "faiss"))]
 use strata_index::IndexError;
 use strata_index::{Index, Retrieved, SearchParams};
@@ -628,20 +629,11 @@ fn static_log_sum_exp(
     scale: f32,
     params: &SearchParams,
 ) -> f32 {
-    let logits: Vec<f32> = params
-        .static_tokens(position)
-        .iter()
-        .map(|&t| scale * dot(&keys[t as usize * dim..(t as usize + 1) * dim], q))
-        .collect();
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if !max.is_finite() {
-        return max;
-    }
-    max + logits
-        .iter()
-        .map(|l| ((l - max) as f64).exp())
-        .sum::<f64>()
-        .ln() as f32
+    let static_tokens = params.static_tokens(position);
+    log_sum_exp(static_tokens.iter().map(|&t| {
+        let key = &keys[t as usize * dim..(t as usize + 1) * dim];
+        (scale * dot(key, q), 1.0)
+    }))
 }
 
 fn print_table(reports: &[RunReport], dump: &KvDump) {
