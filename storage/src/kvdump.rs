@@ -130,15 +130,7 @@ impl Tensor4 {
     ///
     /// Panics if `a >= shape[0]` or `b >= shape[1]`.
     pub fn slice2(&self, a: usize, b: usize) -> &[f32] {
-        let [s0, s1, s2, s3] = self.shape;
-        assert!(
-            a < s0 && b < s1,
-            "Tensor4::slice2({a}, {b}) out of range for shape {:?}",
-            self.shape
-        );
-        let len = s2 * s3;
-        let start = (a * s1 + b) * len;
-        &self.data[start..start + len]
+        self.slice2_range(a, b..b + 1)
     }
 
     /// The `shape[3]` floats at `[a, b, c]` (for kv tensors: one position's vector).
