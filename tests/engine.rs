@@ -53,6 +53,16 @@ fn prefill(d: &KvDump) -> Vec<HeadArrays<'_>> {
     out
 }
 
+/// Engine parameters that fold every `fold_tokens` appended tokens, without prefetch (so that
+/// a test's steps are the only cache traffic).
+fn folding_every(fold_tokens: u32) -> EngineParams {
+    EngineParams {
+        fold_tokens,
+        prefetch: false,
+        ..Default::default()
+    }
+}
+
 fn engine(root: &Path, params: EngineParams, search: SearchParams) -> Engine {
     Engine::new(
         root,
@@ -111,11 +121,7 @@ fn full_search() -> SearchParams {
 fn steps_with_full_budget_equal_exact_attention_through_folds() {
     let tmp = tempfile::tempdir().unwrap();
     let Some(d) = dump(tmp.path()) else { return };
-    let params = EngineParams {
-        fold_tokens: 96,
-        prefetch: false,
-        ..Default::default()
-    };
+    let params = folding_every(96);
     let e = engine(&tmp.path().join("root"), params, full_search());
     let id = e.create_session(spec(&d), Some(&prefill(&d))).unwrap();
     let mut folded_seen = false;
@@ -259,11 +265,7 @@ fn sessions_reuse_indexes_and_survive_a_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let Some(d) = dump(tmp.path()) else { return };
     let root = tmp.path().join("root");
-    let params = EngineParams {
-        fold_tokens: 64,
-        prefetch: false,
-        ..Default::default()
-    };
+    let params = folding_every(64);
     // Reference: one session that never restarts. Full-budget search makes the answer
     // independent of when the background folds land.
     let reference: Vec<Vec<f32>> = {
@@ -359,11 +361,7 @@ fn admission_control_refuses_what_the_budgets_cannot_hold() {
 fn a_failed_fold_keeps_tokens_static_and_the_session_usable() {
     let tmp = tempfile::tempdir().unwrap();
     let Some(d) = dump(tmp.path()) else { return };
-    let params = EngineParams {
-        fold_tokens: 64,
-        prefetch: false,
-        ..Default::default()
-    };
+    let params = folding_every(64);
     let e = engine(&tmp.path().join("root"), params, full_search());
     let id = e.create_session(spec(&d), Some(&prefill(&d))).unwrap();
     // Block the folder the first fold will write (as a full or broken disk would).
