@@ -482,5 +482,23 @@ fn specs_parameters_and_prefill_values_are_validated() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("f16 range"), "{err}");
+    // Prefill queries for the clustering metric: NaN, and a length that is not whole rows.
+    let mut nan_queries = prefill(&d)[0].queries.to_vec();
+    nan_queries[5] = f32::NAN;
+    let mut heads = prefill(&d);
+    heads[0].queries = &nan_queries;
+    let err = e
+        .create_session(spec(&d), Some(&heads))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("training query float 5 is NaN"), "{err}");
+    let ragged = &nan_queries[..70];
+    let mut heads = prefill(&d);
+    heads[0].queries = ragged;
+    let err = e
+        .create_session(spec(&d), Some(&heads))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("70 query floats"), "{err}");
     assert!(e.session_ids().is_empty());
 }
