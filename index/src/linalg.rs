@@ -33,22 +33,43 @@ pub fn dot_rows(rows: &[f32], dim: usize, q: &[f32], out: &mut Vec<f32>) {
     out.extend(rows.chunks_exact(dim).map(|r| dot(r, q)));
 }
 
-/// Indices of the `k` largest values (ties broken by index), unordered. O(n).
+/// Indices of the `k` largest values (in `total_cmp` order, ties broken by the lower index), in
+/// ascending index order. O(n): a selection over the values' order-preserving integer images
+/// finds the k-th largest, then one pass collects the indices. Callers walk the result in
+/// index order, which keeps candidates grouped by the list they came from.
 pub fn top_k_indices(values: &[f32], k: usize) -> Vec<u32> {
-    let mut idx: Vec<u32> = (0..values.len() as u32).collect();
-    if k >= idx.len() {
-        return idx;
+    if k >= values.len() {
+        return (0..values.len() as u32).collect();
     }
     if k == 0 {
         return Vec::new();
     }
-    idx.select_nth_unstable_by(k - 1, |&a, &b| {
-        values[b as usize]
-            .total_cmp(&values[a as usize])
-            .then(a.cmp(&b))
-    });
-    idx.truncate(k);
-    idx
+    let mut keys: Vec<u32> = values.iter().map(|&v| order_key(v)).collect();
+    let (_, &mut threshold, _) = keys.select_nth_unstable(values.len() - k);
+    let above = values.iter().filter(|&&v| order_key(v) > threshold).count();
+    let mut ties_left = k - above;
+    let mut out = Vec::with_capacity(k);
+    for (i, &v) in values.iter().enumerate() {
+        let key = order_key(v);
+        if key > threshold || (key == threshold && ties_left > 0) {
+            if key == threshold {
+                ties_left -= 1;
+            }
+            out.push(i as u32);
+        }
+    }
+    out
+}
+
+/// An integer whose order is `f32::total_cmp`'s: flip all bits of negatives, the sign of the rest.
+#[inline]
+fn order_key(v: f32) -> u32 {
+    let b = v.to_bits();
+    if b >> 31 == 1 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
 }
 
 pub use crate::simd::dot_f16_bytes;
@@ -77,11 +98,29 @@ mod tests {
     #[test]
     fn top_k_picks_largest() {
         let v = [0.5, 3.0, -1.0, 2.0, 3.0];
-        let mut t = top_k_indices(&v, 3);
-        t.sort();
-        assert_eq!(t, vec![1, 3, 4]);
+        assert_eq!(top_k_indices(&v, 3), vec![1, 3, 4]);
+        // Ties go to the lower index; the order is the index order.
+        assert_eq!(top_k_indices(&v, 1), vec![1]);
+        let signed = [-0.0, 0.0, f32::NEG_INFINITY, -2.0, 7.0, f32::INFINITY, -0.5];
+        assert_eq!(top_k_indices(&signed, 3), vec![1, 4, 5]);
+        assert_eq!(top_k_indices(&signed, 5), vec![0, 1, 4, 5, 6]);
         assert_eq!(top_k_indices(&v, 0), Vec::<u32>::new());
         assert_eq!(top_k_indices(&v, 9).len(), 5);
+    }
+
+    #[test]
+    fn top_k_matches_a_full_sort_with_many_ties() {
+        // Values from a small set, so that the k-th largest is tied many times over.
+        let v: Vec<f32> = (0..500u32)
+            .map(|i| ((i.wrapping_mul(2_654_435_761) >> 7) % 13) as f32 - 6.0)
+            .collect();
+        for k in [1usize, 2, 37, 100, 250, 499, 500] {
+            let mut reference: Vec<u32> = (0..v.len() as u32).collect();
+            reference.sort_by(|&a, &b| v[b as usize].total_cmp(&v[a as usize]).then(a.cmp(&b)));
+            reference.truncate(k);
+            reference.sort_unstable();
+            assert_eq!(top_k_indices(&v, k), reference, "k={k}");
+        }
     }
 
     #[test]

@@ -133,6 +133,7 @@ struct Planned<'a> {
     cand_scores: Vec<f32>,
     /// Row of each candidate in its list (its rank among the list's primary members).
     cand_rows: Vec<u32>,
+    /// The candidates to re-rank, as indices into the `cand_*` arrays, ascending.
     best: Vec<u32>,
     need: Vec<u32>,
 }
@@ -562,6 +563,12 @@ impl Index {
         let codes = head.codes.as_slice();
         let block_start = u32s(&head.code_block_start);
         let probe_target = (params.probe_fraction as f64 * visible as f64).ceil() as usize;
+        let bounds = self
+            .list_bounds
+            .get(layer_slot * self.kv_heads() + kv_head)
+            .and_then(|b| b.as_deref());
+        let sink_end = (params.sink_tokens as usize).min(visible);
+        let recent_start = sink_end.max(visible.saturating_sub(params.recent_tokens as usize));
         let mut probed = 0usize;
         let mut probed_lists = 0usize;
         let mut cand_tokens: Vec<u32> = Vec::with_capacity(probe_target + 64);
@@ -579,10 +586,25 @@ impl Index {
             let members = &primary_tokens
                 [primary_start[l as usize] as usize..primary_start[l as usize + 1] as usize];
             let first_block = block_start[l as usize] as usize;
+            // A list whose members all lie between the sinks and the window (most of them, when
+            // the head's lists are sorted) needs no per-member check.
+            let all_open = bounds.is_some_and(|b| {
+                let (first, last) = b[l as usize];
+                !members.is_empty() && first as usize >= sink_end && (last as usize) < recent_start
+            });
             for (b, chunk) in members.chunks(CODE_BLOCK).enumerate() {
                 let at = (first_block + b) * block_bytes;
                 cq.score_block(&codes[at..at + block_bytes], &mut lane_scores);
                 stats.codes_scored += chunk.len() as u64;
+                let row0 = (b * CODE_BLOCK) as u32;
+                if all_open {
+                    probed += chunk.len();
+                    cand_tokens.extend_from_slice(chunk);
+                    cand_lists.extend(std::iter::repeat_n(l, chunk.len()));
+                    cand_scores.extend_from_slice(&lane_scores[..chunk.len()]);
+                    cand_rows.extend(row0..row0 + chunk.len() as u32);
+                    continue;
+                }
                 for (lane, &t) in chunk.iter().enumerate() {
                     let tu = t as usize;
                     if tu > position || params.is_static(tu, position) {
@@ -592,16 +614,17 @@ impl Index {
                     cand_tokens.push(t);
                     cand_lists.push(l);
                     cand_scores.push(lane_scores[lane]);
-                    cand_rows.push((b * CODE_BLOCK + lane) as u32);
+                    cand_rows.push(row0 + lane as u32);
                 }
             }
         }
         stats.code_bytes = stats.codes_scored * sq.code_bytes() as u64;
         let keep = ((params.rerank_factor as f64) * budget as f64).ceil() as usize;
         let best = top_k_indices(&cand_scores, keep);
+        // `best` is in candidate order, so each list's candidates are adjacent: dedup, then sort.
         let mut need: Vec<u32> = best.iter().map(|&i| cand_lists[i as usize]).collect();
-        need.sort_unstable();
         need.dedup();
+        need.sort_unstable();
 
         Ok(PlanOutcome::Planned(Box::new(Planned {
             head,
@@ -667,9 +690,8 @@ impl Index {
         // 3. Re-rank the candidates exactly from the lists read. Only the candidates are
         // scored exactly: the codes already ranked every probed member, and re-scoring whole
         // lists would cost full-key work for tokens the codes ruled out. The plan appended
-        // candidates list by list, so their indices in ascending order come grouped by list.
-        let mut order = best;
-        order.sort_unstable();
+        // candidates list by list, so `best` (ascending) comes grouped by list.
+        let order = best;
         let views = bufs
             .iter()
             .zip(&need)
@@ -708,8 +730,14 @@ impl Index {
             }
             ex_cand.push(ci);
             ex_tokens.push(t);
-            ex_scores.push(dot_f16_bytes(list.key_bytes(r), q));
             ex_rows.push((bi as u32, r as u32));
+        }
+        let key_row = |&(bi, r): &(u32, u32)| views[bi as usize].key_bytes(r as usize);
+        for (i, row) in ex_rows.iter().enumerate() {
+            if let Some(ahead) = ex_rows.get(i + PREFETCH_ROWS_AHEAD) {
+                crate::simd::prefetch(key_row(ahead));
+            }
+            ex_scores.push(dot_f16_bytes(key_row(row), q));
         }
         stats.keys_scored = ex_tokens.len() as u64;
         stats.key_bytes = stats.keys_scored * dim as u64 * 2;
@@ -839,32 +867,30 @@ impl Index {
     ) -> IndexResult<Vec<Arc<AlignedBuf>>> {
         let seg = &self.segments[head.segment.to_native() as usize];
         let seg_id = self.cache_ids[head.segment.to_native() as usize];
-        let mut out: Vec<Option<Arc<AlignedBuf>>> = Vec::with_capacity(ids.len());
+        let keys: Vec<CacheKey> = ids
+            .iter()
+            .map(|&l| CacheKey {
+                file: seg_id,
+                offset: head.lists[l as usize].offset.to_native(),
+            })
+            .collect();
+        let mut out = self.cache.get_many(&keys);
         let mut missing = Vec::new();
         let mut locs = Vec::new();
         for (i, &l) in ids.iter().enumerate() {
             let loc = &head.lists[l as usize];
-            let key = CacheKey {
-                file: seg_id,
-                offset: loc.offset.to_native(),
-            };
             stats.list_bytes += loc.len.to_native() as u64;
             stats.keys_read += loc.members.to_native() as u64;
-            match self.cache.get(&key) {
-                Some(buf) => {
-                    stats.lists_from_ram += 1;
-                    out.push(Some(buf));
-                }
-                None => {
-                    out.push(None);
-                    missing.push(i);
-                    locs.push(ListLocation {
-                        offset: loc.offset.to_native(),
-                        len: loc.len.to_native(),
-                        padded_len: loc.padded_len.to_native(),
-                        crc32: loc.crc32.to_native(),
-                    });
-                }
+            if out[i].is_some() {
+                stats.lists_from_ram += 1;
+            } else {
+                missing.push(i);
+                locs.push(ListLocation {
+                    offset: loc.offset.to_native(),
+                    len: loc.len.to_native(),
+                    padded_len: loc.padded_len.to_native(),
+                    crc32: loc.crc32.to_native(),
+                });
             }
         }
         stats.lists_read += ids.len() as u64;
@@ -1023,6 +1049,10 @@ impl EstimateContext<'_> {
     }
 }
 
+/// How many rows ahead re-ranking and the value gather prefetch: enough to cover a DRAM miss
+/// with the arithmetic of the rows in between (measured in `strata bench decode`).
+const PREFETCH_ROWS_AHEAD: usize = 8;
+
 /// Attention over `logits` and their f16 value rows, in f32, converting each row once into a
 /// small buffer: the rows are read where they lie.
 fn attend_rows<'r>(
@@ -1037,11 +1067,16 @@ fn attend_rows<'r>(
             lse: f32::NEG_INFINITY,
         };
     }
+    let rows: Vec<&[u8]> = rows.collect();
+    let mut weights: Vec<f32> = logits.map(|l| l - max).collect();
+    crate::simd::exp_in_place(&mut weights);
     let mut out = vec![0f32; dim];
     let mut row = vec![0f32; dim];
     let mut denom = 0f32;
-    for (l, bytes) in logits.zip(rows) {
-        let w = (l - max).exp();
+    for (i, (&w, bytes)) in weights.iter().zip(&rows).enumerate() {
+        if let Some(ahead) = rows.get(i + PREFETCH_ROWS_AHEAD) {
+            crate::simd::prefetch(ahead);
+        }
         denom += w;
         crate::simd::f16_to_f32(bytes, &mut row);
         for (o, x) in out.iter_mut().zip(&row) {
@@ -1151,23 +1186,31 @@ impl RemainderEstimator {
         };
         if p.remainder_code_logits {
             // Candidates come list by list: one term per list, its tokens' logits summed in
-            // log space, rather than one term per token.
-            let mut i = 0;
-            while i < cand_lists.len() {
-                let l = cand_lists[i];
-                let run = cand_lists[i..].iter().take_while(|&&x| x == l).count();
-                let open = || {
-                    (i..i + run)
-                        .filter(|&j| !in_exact[j])
-                        .map(|j| s * cand_scores[j] - noise)
-                };
-                let max = open().fold(f32::NEG_INFINITY, f32::max);
-                if max.is_finite() {
-                    let (sum, n) =
-                        open().fold((0f32, 0u32), |(a, n), x| (a + (x - max).exp(), n + 1));
-                    self.add_logit(l, max + (sum / n as f32).ln(), n as f32);
+            // log space, rather than one term per token. One pass gathers each run's open
+            // logits and maximum, then every exponential is taken in one vectorised sweep.
+            let mut runs: Vec<(u32, usize, usize, f32)> = Vec::new();
+            let mut xs: Vec<f32> = Vec::with_capacity(cand_lists.len());
+            for (j, (&l, &done)) in cand_lists.iter().zip(in_exact).enumerate() {
+                if j == 0 || cand_lists[j - 1] != l {
+                    runs.push((l, xs.len(), xs.len(), f32::NEG_INFINITY));
                 }
-                i += run;
+                if !done {
+                    let x = s * cand_scores[j] - noise;
+                    xs.push(x);
+                    let run = runs.last_mut().expect("a run was opened above");
+                    run.2 += 1;
+                    run.3 = run.3.max(x);
+                }
+            }
+            for &(_, a, b, max) in &runs {
+                xs[a..b].iter_mut().for_each(|x| *x -= max);
+            }
+            crate::simd::exp_in_place(&mut xs);
+            for &(l, a, b, max) in &runs {
+                if b > a && max.is_finite() {
+                    let sum: f32 = xs[a..b].iter().sum();
+                    self.add_logit(l, max + (sum / (b - a) as f32).ln(), (b - a) as f32);
+                }
             }
         } else {
             let mut counts: Vec<(u32, u32)> = Vec::new();
@@ -1279,8 +1322,10 @@ pub fn combine_terms<'m>(
     let mut weight: Vec<(f64, u32)> = Vec::new();
     let mut slot = vec![u32::MAX; n_ids];
     let mut all = 0f64;
-    for &(l, logit, n) in terms {
-        let w = n as f64 * (logit - max).exp() as f64;
+    let mut e: Vec<f32> = terms.iter().map(|t| t.1 - max).collect();
+    crate::simd::exp_in_place(&mut e);
+    for (&(l, _, n), &e) in terms.iter().zip(&e) {
+        let w = n as f64 * e as f64;
         all += w;
         let Some(s) = slot.get_mut(l as usize) else {
             continue;
@@ -1304,9 +1349,16 @@ pub fn combine_terms<'m>(
     let mut mean = Vec::with_capacity(dim);
     let mut kept = 0f64;
     let mut read = 0;
-    for &(w, l) in &weight {
+    for (i, &(w, l)) in weight.iter().enumerate() {
         if kept > 0.0 && kept >= keep_until {
             break;
+        }
+        // The means lie scattered over the manifest: ask for the next ones early.
+        if let Some(ahead) = weight
+            .get(i + PREFETCH_ROWS_AHEAD)
+            .and_then(|a| means_of(a.1 as usize))
+        {
+            crate::simd::prefetch(bytemuck::cast_slice(ahead));
         }
         let Some(means) = means_of(l as usize).filter(|m| m.len() == dim) else {
             continue;

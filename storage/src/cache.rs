@@ -1,7 +1,9 @@
 //! The RAM tier: a byte-budgeted LRU cache of posting lists, shared by every session.
 //!
-//! One mutex guards a hash map (key -> buffer, recency tick) and an ordered map (tick -> key), so
-//! lookups are O(1) and recency updates and evictions are O(log n). Buffers are `Arc`s: an evicted
+//! One mutex guards a hash map (key -> buffer, recency tick) and an ordered map (tick -> key). A
+//! hit only stamps its entry's tick; the ordered map catches up lazily at eviction time (an entry
+//! found under an old tick is re-queued under its current one), so hits are O(1), evictions
+//! O(log n) amortised, and the order evicted is still exactly least recently used. Buffers are `Arc`s: an evicted
 //! list stays alive for whoever is still reading it.
 
 use std::cell::Cell;
@@ -53,15 +55,41 @@ pub struct CacheStats {
 
 struct Entry {
     buf: Arc<AlignedBuf>,
+    /// When it was last used.
     tick: u64,
+    /// Its key in `Inner::order`: `tick` or older.
+    queued: u64,
     /// Inserted by a prefetch and not yet used by a demand lookup.
     prefetched: bool,
 }
 
+/// Hashes a [`CacheKey`] with one multiply: the keys are file offsets, not attacker-chosen, so
+/// SipHash's protection buys nothing and cost a visible share of warm lookups.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(b as u64);
+        }
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.write_u64(v as u64);
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(26) ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
 #[derive(Default)]
 struct Inner {
-    map: HashMap<CacheKey, Entry>,
-    /// Recency order: the smallest tick is the least recently used.
+    map: HashMap<CacheKey, Entry, std::hash::BuildHasherDefault<KeyHasher>>,
+    /// Recency order, possibly stale: every entry appears once, under a tick no newer than its
+    /// own.
     order: BTreeMap<u64, CacheKey>,
     next_tick: u64,
     bytes: u64,
@@ -81,7 +109,7 @@ impl Inner {
 
     fn remove(&mut self, key: &CacheKey) -> Option<Entry> {
         let e = self.map.remove(key)?;
-        self.order.remove(&e.tick);
+        self.order.remove(&e.queued);
         self.bytes -= e.buf.len() as u64;
         Some(e)
     }
@@ -109,32 +137,40 @@ impl RamCache {
 
     /// Looks up `key`, counting a hit or miss; a hit becomes the most recently used entry.
     pub fn get(&self, key: &CacheKey) -> Option<Arc<AlignedBuf>> {
+        self.get_many(std::slice::from_ref(key)).pop().flatten()
+    }
+
+    /// [`RamCache::get`] for every key, under one lock: a search asks for hundreds of lists at
+    /// once, and one lock round trip per list was a measurable share of a warm step.
+    pub fn get_many(&self, keys: &[CacheKey]) -> Vec<Option<Arc<AlignedBuf>>> {
         let demand = !prefetching();
         let mut g = self.lock();
         let inner = &mut *g;
-        let tick = inner.next_tick + 1;
-        match inner.map.get_mut(key) {
-            Some(e) => {
-                inner.next_tick = tick;
-                inner.order.remove(&e.tick);
-                e.tick = tick;
-                inner.order.insert(tick, *key);
-                if demand {
-                    inner.hits += 1;
-                    if e.prefetched {
-                        e.prefetched = false;
-                        inner.prefetch_hits += 1;
+        keys.iter()
+            .map(|key| {
+                let tick = inner.next_tick + 1;
+                match inner.map.get_mut(key) {
+                    Some(e) => {
+                        inner.next_tick = tick;
+                        e.tick = tick;
+                        if demand {
+                            inner.hits += 1;
+                            if e.prefetched {
+                                e.prefetched = false;
+                                inner.prefetch_hits += 1;
+                            }
+                        }
+                        Some(Arc::clone(&e.buf))
+                    }
+                    None => {
+                        if demand {
+                            inner.misses += 1;
+                        }
+                        None
                     }
                 }
-                Some(Arc::clone(&e.buf))
-            }
-            None => {
-                if demand {
-                    inner.misses += 1;
-                }
-                None
-            }
-        }
+            })
+            .collect()
     }
 
     /// Caches `buf` under `key` (replacing any previous entry), evicting least recently used
@@ -150,6 +186,16 @@ impl RamCache {
             let Some((_, victim)) = g.order.pop_first() else {
                 break;
             };
+            let Some(e) = g.map.get_mut(&victim) else {
+                continue;
+            };
+            if e.queued != e.tick {
+                // Used since it was queued: re-queue it where it belongs.
+                e.queued = e.tick;
+                let t = e.tick;
+                g.order.insert(t, victim);
+                continue;
+            }
             if let Some(e) = g.map.remove(&victim) {
                 g.bytes -= e.buf.len() as u64;
                 g.evictions += 1;
@@ -163,6 +209,7 @@ impl RamCache {
             Entry {
                 buf,
                 tick,
+                queued: tick,
                 prefetched,
             },
         );

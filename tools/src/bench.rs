@@ -48,6 +48,9 @@ pub struct BenchArgs {
     /// Measured steps per phase (cold, warm).
     #[arg(long, default_value_t = 48)]
     steps: usize,
+    /// Measured cold steps, when not `--steps` (few cold steps keep a profile of warm steps clean).
+    #[arg(long)]
+    cold_steps: Option<usize>,
     /// Extra steps with a small fold threshold, to measure steps while a fold runs.
     #[arg(long, default_value_t = 400)]
     fold_steps: usize,
@@ -503,7 +506,8 @@ fn run_context(
 
     // Steps append real-looking tokens after the prefill.
     let steps = args.steps;
-    let extra_tokens = 4 * steps + args.fold_steps + 40;
+    let cold_steps = args.cold_steps.unwrap_or(steps);
+    let extra_tokens = cold_steps + 3 * steps + args.fold_steps + 40;
     let extra_layers: Vec<Layer> = (0..args.layers)
         .map(|l| source.rows(l, tokens, extra_tokens, 11))
         .collect();
@@ -553,7 +557,7 @@ fn run_context(
     engine.set_prefetch(false);
     // Cold: the RAM tier is emptied before every step (segment reads are O_DIRECT, so the OS
     // page cache does not help either).
-    let cold = run_steps(&engine, id, steps, StepMode::Cold)?;
+    let cold = run_steps(&engine, id, cold_steps, StepMode::Cold)?;
     // Warm: the whole index placed in the RAM tier (it fits the default tier), a few steps,
     // then measured steps. Prefetch has nothing to add here; it is measured below with a tier
     // smaller than the index.
