@@ -166,6 +166,16 @@ impl CodeQuery {
     /// Approximate `q·k` for one packed code.
     #[inline]
     pub fn score(&self, code: &[u8]) -> f32 {
+        if self.bits == 8 {
+            // Centroid codes: one code per byte; this form vectorises (no per-slot shifts).
+            let acc: i32 = self
+                .weights
+                .iter()
+                .zip(code)
+                .map(|(&wi, &ci)| wi as i32 * ci as i32)
+                .sum();
+            return self.bias + acc as f32 * self.unit;
+        }
         let mask = ((1u32 << self.bits) - 1) as u8;
         let cpb = 8 / self.bits as usize;
         let mut acc = 0i32;

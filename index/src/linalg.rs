@@ -34,9 +34,10 @@ pub fn dot_rows(rows: &[f32], dim: usize, q: &[f32], out: &mut Vec<f32>) {
 }
 
 /// Indices of the `k` largest values (in `total_cmp` order, ties broken by the lower index), in
-/// ascending index order. O(n): a selection over the values' order-preserving integer images
-/// finds the k-th largest, then one pass collects the indices. Callers walk the result in
-/// index order, which keeps candidates grouped by the list they came from.
+/// ascending index order. O(n): a histogram of the top 12 bits of the values' order-preserving
+/// integer images finds the bucket holding the k-th largest, a selection inside that bucket
+/// finds the value itself, and one pass collects the indices. Callers walk the result in index
+/// order, which keeps candidates grouped by the list they came from.
 pub fn top_k_indices(values: &[f32], k: usize) -> Vec<u32> {
     if k >= values.len() {
         return (0..values.len() as u32).collect();
@@ -44,9 +45,25 @@ pub fn top_k_indices(values: &[f32], k: usize) -> Vec<u32> {
     if k == 0 {
         return Vec::new();
     }
-    let mut keys: Vec<u32> = values.iter().map(|&v| order_key(v)).collect();
-    let (_, &mut threshold, _) = keys.select_nth_unstable(values.len() - k);
-    let above = values.iter().filter(|&&v| order_key(v) > threshold).count();
+    const BUCKET_SHIFT: u32 = 20;
+    let mut counts = vec![0u32; 1 << (32 - BUCKET_SHIFT)];
+    for &v in values {
+        counts[(order_key(v) >> BUCKET_SHIFT) as usize] += 1;
+    }
+    // The bucket holding the k-th largest, and how many lie in buckets above it.
+    let (mut bucket, mut above) = (counts.len() - 1, 0usize);
+    while above + counts[bucket] as usize <= k - 1 {
+        above += counts[bucket] as usize;
+        bucket -= 1;
+    }
+    let mut inside: Vec<u32> = values
+        .iter()
+        .map(|&v| order_key(v))
+        .filter(|&key| (key >> BUCKET_SHIFT) as usize == bucket)
+        .collect();
+    let rank = inside.len() - (k - above);
+    let (_, &mut threshold, _) = inside.select_nth_unstable(rank);
+    let above = above + inside.iter().filter(|&&key| key > threshold).count();
     let mut ties_left = k - above;
     let mut out = Vec::with_capacity(k);
     for (i, &v) in values.iter().enumerate() {
