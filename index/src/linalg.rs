@@ -52,7 +52,7 @@ pub fn top_k_indices(values: &[f32], k: usize) -> Vec<u32> {
     }
     // The bucket holding the k-th largest, and how many lie in buckets above it.
     let (mut bucket, mut above) = (counts.len() - 1, 0usize);
-    while above + counts[bucket] as usize <= k - 1 {
+    while above + (counts[bucket] as usize) < k {
         above += counts[bucket] as usize;
         bucket -= 1;
     }
