@@ -583,6 +583,16 @@ impl Index {
             }
             let l = lscores[probed_lists].1;
             probed_lists += 1;
+            // The next list's codes and members lie elsewhere in the manifest: ask for them
+            // while this list is scored.
+            if let Some(&(_, next)) = lscores[..sorted_upto].get(probed_lists) {
+                let n = next as usize;
+                let blocks = block_start[n] as usize..block_start[n + 1] as usize;
+                crate::simd::prefetch(&codes[blocks.start * block_bytes..blocks.end * block_bytes]);
+                crate::simd::prefetch(bytemuck::cast_slice(
+                    &primary_tokens[primary_start[n] as usize..primary_start[n + 1] as usize],
+                ));
+            }
             let members = &primary_tokens
                 [primary_start[l as usize] as usize..primary_start[l as usize + 1] as usize];
             let first_block = block_start[l as usize] as usize;
