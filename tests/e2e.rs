@@ -280,6 +280,54 @@ fn cold_reads_come_from_disk_and_warm_from_ram() {
     assert_eq!(cold.tokens, warm.tokens);
 }
 
+#[test]
+fn prefetch_brings_in_exactly_what_the_group_search_then_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((dump, dir)) = fixture(tmp.path()) else {
+        return;
+    };
+    let index = open(&dir).unwrap();
+    let params = SearchParams::default();
+    let qi = dump.query_positions.len() - 1;
+    let p = dump.query_positions[qi];
+    let group = dump.meta.q_heads / dump.meta.kv_heads;
+    let qs: Vec<&[f32]> = (0..group).map(|h| dump.queries.row(0, h, qi)).collect();
+    let asked = index.prefetch_group(0, 0, &qs, p, &params).unwrap();
+    assert!(asked > 0, "the prefetch planned no list");
+    assert_eq!(
+        index.cache().len(),
+        asked,
+        "one RAM-tier entry per list asked for"
+    );
+    let out = index
+        .search_group(
+            0,
+            0,
+            &qs,
+            p,
+            &params,
+            None,
+            strata_index::search::Gather::Values,
+        )
+        .unwrap();
+    let read: u64 = out.iter().map(|r| r.stats.lists_read).sum();
+    let from_ram: u64 = out.iter().map(|r| r.stats.lists_from_ram).sum();
+    assert_eq!(
+        read, asked as u64,
+        "the search reads the lists the prefetch planned"
+    );
+    assert_eq!(
+        from_ram, read,
+        "every list the search read was already in RAM"
+    );
+    // A bad query is refused by the prefetch as by the search.
+    let bad = vec![f32::NAN; qs[0].len()];
+    assert!(matches!(
+        index.prefetch_group(0, 0, &[&bad], p, &params),
+        Err(IndexError::Query { .. })
+    ));
+}
+
 /// Output error of one search's answer against exact attention over `0..=p`: of the exact part
 /// alone (static ∪ retrieved) and of the exact part merged with the remainder estimate.
 fn output_errors(

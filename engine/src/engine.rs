@@ -9,7 +9,6 @@ use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use strata_index::manifest::SourceInfo;
-use strata_index::search::Gather;
 use strata_index::{build_index_from, BuildInput, BuildParams, HeadArrays, Index, SearchParams};
 use strata_storage::cache::{as_prefetch, CacheStats, RamCache};
 use strata_storage::durable::AtomicFile;
@@ -89,6 +88,10 @@ impl Engine {
             std::thread::Builder::new()
                 .name("strata-prefetch".into())
                 .spawn(move || {
+                    // Prefetch is a hint: it must use idle CPU only, never a step's.
+                    if let Err(e) = crate::sched::run_only_when_idle() {
+                        log::warn!("prefetch thread keeps normal priority: {e}");
+                    }
                     while let Ok(first) = rx.recv() {
                         // Only the newest job per (session, layer) matters: older ones describe
                         // steps that have already happened.
@@ -486,10 +489,7 @@ fn prefetch_layer(s: &Arc<Session>, layer: usize, queries: &[f32], margin: f32) 
             let qs: Vec<&[f32]> = (h * group..(h + 1) * group)
                 .map(|qh| &queries[qh * dim..(qh + 1) * dim])
                 .collect();
-            if let Err(e) =
-                s.base
-                    .search_group(layer, h, &qs, base_last, &params, None, Gather::Attention)
-            {
+            if let Err(e) = s.base.prefetch_group(layer, h, &qs, base_last, &params) {
                 log::debug!("prefetch of session {} layer {layer}: {e}", s.id);
                 return;
             }

@@ -14,6 +14,7 @@ pub mod cpu;
 mod engine;
 pub mod error;
 pub mod metrics;
+mod sched;
 mod session;
 
 pub use config::EngineParams;

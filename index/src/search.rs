@@ -425,6 +425,36 @@ impl Index {
         Ok(outs.into_iter().flatten().collect())
     }
 
+    /// Reads into the RAM tier the lists that [`Index::search_group`] with these arguments would
+    /// read, and nothing more: each query is planned (centroids, codes, candidates), the union of
+    /// the lists they need is fetched, and no candidate is re-ranked. The prefetcher calls this
+    /// with the current step's queries for the next position. Returns how many lists it asked
+    /// for (hits included).
+    pub fn prefetch_group(
+        &self,
+        layer_slot: usize,
+        kv_head: usize,
+        queries: &[&[f32]],
+        position: usize,
+        params: &SearchParams,
+    ) -> IndexResult<usize> {
+        let mut union: Vec<u32> = Vec::new();
+        for q in queries {
+            if let PlanOutcome::Planned(p) =
+                self.plan(layer_slot, kv_head, q, position, params, None)?
+            {
+                union.extend_from_slice(&p.need);
+            }
+        }
+        union.sort_unstable();
+        union.dedup();
+        if !union.is_empty() {
+            let head = self.head(layer_slot, kv_head)?;
+            self.fetch_lists(head, &union, &mut SearchStats::default())?;
+        }
+        Ok(union.len())
+    }
+
     /// Steps 1 and 2 of a search: validation, the lists to probe, code scoring, the candidates
     /// and the lists that hold them.
     fn plan<'a>(

@@ -1,6 +1,8 @@
 //! `strata bench decode`: decoding steps of a Llama-3-8B-shaped session (32 query heads, 8 KV
 //! heads, head dim 128) over contexts of 32K-1M tokens, against exact CPU attention over the
-//! same KV in the same run.
+//! same KV in the same run. Two exact baselines are timed on every warm step: the headline one
+//! reads K and V once per KV head for its group of query heads (GQA); the other, once per query
+//! head, as the first measurements did (four times the memory traffic).
 //!
 //! Keys, values and queries are resampled from the shared SmolLM2 dump: each synthetic 128-dim
 //! head concatenates two real 64-dim heads (runs of consecutive real positions, so local
@@ -17,7 +19,7 @@ use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use serde::Serialize;
 use strata_engine::attention::merge;
-use strata_engine::cpu::attend_f32;
+use strata_engine::cpu::{attend_f32, attend_group_f32};
 use strata_engine::metrics::output_error;
 use strata_engine::{Engine, EngineParams, SessionSpec, StepTelemetry};
 use strata_index::linalg::dot;
@@ -266,8 +268,14 @@ struct ContextResult {
     cold: Phase,
     warm: Phase,
     tier_limited: Vec<TierPhase>,
+    /// Exact attention, one pass over K and V per KV head for its group of query heads.
     exact_us_p50: Option<f64>,
     speedup_vs_exact_warm_p50: Option<f64>,
+    /// Exact attention one query head at a time (K and V read once per query head).
+    exact_per_query_head_us_p50: Option<f64>,
+    speedup_vs_exact_per_query_head_warm_p50: Option<f64>,
+    /// Largest output error between the two exact baselines (they must agree).
+    exact_baselines_max_difference: Option<f64>,
     output_error_vs_exact_mean: Option<f64>,
     fold: Option<FoldResult>,
     disk_probe: DiskProbe,
@@ -380,7 +388,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     println!();
     println!(
-        "{:>8} {:>7} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>8} {:>9} {:>8} {:>9}",
+        "{:>8} {:>7} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>10} {:>8} {:>8} {:>9} {:>8} {:>9}",
         "tokens",
         "build s",
         "cold p50",
@@ -389,6 +397,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "warm p99",
         "exact p50",
         "speedup",
+        "exact/qh",
+        "speedup",
         "err",
         "ssdKB/st",
         "ram hit",
@@ -396,7 +406,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     );
     for r in &results {
         println!(
-            "{:>8} {:>7.1} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>10.0} {:>8.1} {:>8.4} {:>9.0} {:>8.3} {:>9.3}",
+            "{:>8} {:>7.1} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>10.0} {:>8.1} {:>10.0} {:>8.1} {:>8.4} {:>9.0} {:>8.3} {:>9.3}",
             r.tokens,
             r.build_seconds,
             r.cold.step_us_p50,
@@ -405,6 +415,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             r.warm.step_us_p99,
             r.exact_us_p50.unwrap_or(f64::NAN),
             r.speedup_vs_exact_warm_p50.unwrap_or(f64::NAN),
+            r.exact_per_query_head_us_p50.unwrap_or(f64::NAN),
+            r.speedup_vs_exact_per_query_head_warm_p50.unwrap_or(f64::NAN),
             r.output_error_vs_exact_mean.unwrap_or(f64::NAN),
             r.cold.ssd_bytes_per_step / 1024.0,
             r.warm.ram_hit_rate,
@@ -515,6 +527,8 @@ fn run_context(
     let mut appended = 0usize;
     let mut errors = Vec::new();
     let mut exact_us = Vec::new();
+    let mut exact_per_head_us = Vec::new();
+    let mut baselines_differ = 0f64;
     // Runs `count` steps of every layer, each appending the next synthetic token.
     let mut run_steps =
         |engine: &Engine, id: u64, count: usize, mode: StepMode| -> Result<Vec<StepTelemetry>> {
@@ -543,8 +557,18 @@ fn run_context(
                             spec.softmax_scale[l],
                         );
                         exact_us.push(t.elapsed().as_secs_f64() * 1e6);
-                        for (h, e) in step.heads.iter().zip(&exact) {
+                        let t = Instant::now();
+                        let per_head = exact_attention_per_query_head(
+                            &layers[l],
+                            &extra_layers[l],
+                            appended + 1,
+                            &q,
+                            spec.softmax_scale[l],
+                        );
+                        exact_per_head_us.push(t.elapsed().as_secs_f64() * 1e6);
+                        for ((h, e), p) in step.heads.iter().zip(&exact).zip(&per_head) {
                             errors.push(output_error(&h.output, e));
+                            baselines_differ = baselines_differ.max(output_error(p, e));
                         }
                     }
                     out.push(step.telemetry);
@@ -680,6 +704,8 @@ fn run_context(
     };
 
     let exact_p50 = (!exact_us.is_empty()).then(|| percentile(&exact_us, 0.5));
+    let exact_per_head_p50 =
+        (!exact_per_head_us.is_empty()).then(|| percentile(&exact_per_head_us, 0.5));
     let warm_p50 = warm_phase.step_us_p50;
     Ok(ContextResult {
         tokens,
@@ -692,6 +718,9 @@ fn run_context(
         tier_limited,
         exact_us_p50: exact_p50,
         speedup_vs_exact_warm_p50: exact_p50.map(|e| e / warm_p50),
+        exact_per_query_head_us_p50: exact_per_head_p50,
+        speedup_vs_exact_per_query_head_warm_p50: exact_per_head_p50.map(|e| e / warm_p50),
+        exact_baselines_max_difference: exact_p50.map(|_| baselines_differ),
         output_error_vs_exact_mean: (!errors.is_empty())
             .then(|| errors.iter().sum::<f64>() / errors.len() as f64),
         fold,
@@ -701,9 +730,39 @@ fn run_context(
     })
 }
 
-/// Exact attention of all query heads over the prefill plus `appended` tokens (f32, both cores):
-/// the two parts attended separately and merged by log-sum-exp, so nothing is copied.
+/// Exact attention of all query heads over the prefill plus `appended` tokens (f32, both cores),
+/// one pass over K and V per KV head for its whole group of query heads (GQA): the baseline a
+/// careful CPU implementation gives. The prefill and the appended part are attended separately
+/// and merged by log-sum-exp, so nothing is copied.
 fn exact_attention(
+    prefill: &Layer,
+    extra: &Layer,
+    appended: usize,
+    q: &[f32],
+    scale: f32,
+) -> Vec<Vec<f32>> {
+    let group = Q_HEADS / KV_HEADS;
+    let per_kv: Vec<Vec<Vec<f32>>> = (0..KV_HEADS)
+        .into_par_iter()
+        .map(|h| {
+            let qs: Vec<&[f32]> = (h * group..(h + 1) * group)
+                .map(|qh| &q[qh * DIM..(qh + 1) * DIM])
+                .collect();
+            let n = appended * DIM;
+            let a = attend_group_f32(&prefill.keys[h], &prefill.values[h], &qs, scale, DIM);
+            let b = attend_group_f32(&extra.keys[h][..n], &extra.values[h][..n], &qs, scale, DIM);
+            a.into_iter()
+                .zip(b)
+                .map(|(x, y)| merge(&[x, y]).output)
+                .collect()
+        })
+        .collect();
+    per_kv.into_iter().flatten().collect()
+}
+
+/// The same attention computed one query head at a time, each pass reading its KV head's K and
+/// V again (the baseline of the first measurements, kept for comparison with them).
+fn exact_attention_per_query_head(
     prefill: &Layer,
     extra: &Layer,
     appended: usize,

@@ -1,0 +1,24 @@
+//! Scheduling of the engine's background threads.
+
+/// Moves the calling thread to Linux's `SCHED_IDLE` class: it runs only on a core that nothing
+/// else wants. The prefetcher uses it, so that on a machine with few cores its look-ahead
+/// searches never delay the steps they are meant to help; when steps wait on the disk, or the
+/// model computes between steps, the cores are idle and the prefetcher runs.
+#[cfg(target_os = "linux")]
+pub fn run_only_when_idle() -> std::io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `sched_setscheduler` reads the `sched_param` passed by reference, which lives
+    // for the whole call; pid 0 names the calling thread, so no other thread is affected.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Elsewhere the thread keeps its priority.
+#[cfg(not(target_os = "linux"))]
+pub fn run_only_when_idle() -> std::io::Result<()> {
+    Ok(())
+}
