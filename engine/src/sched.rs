@@ -1,5 +1,9 @@
 //! Scheduling of the engine's background threads.
 
+/// Niceness of a fold's thread: it still progresses while steps keep both cores busy (CFS gives
+/// nice 10 about a tenth of a nice-0 thread's share), but a step never waits behind it.
+pub const FOLD_NICE: i32 = 10;
+
 /// Moves the calling thread to Linux's `SCHED_IDLE` class: it runs only on a core that nothing
 /// else wants. The prefetcher uses it, so that on a machine with few cores its look-ahead
 /// searches never delay the steps they are meant to help; when steps wait on the disk, or the
@@ -20,5 +24,25 @@ pub fn run_only_when_idle() -> std::io::Result<()> {
 /// Elsewhere the thread keeps its priority.
 #[cfg(not(target_os = "linux"))]
 pub fn run_only_when_idle() -> std::io::Result<()> {
+    Ok(())
+}
+
+/// Sets the calling thread's niceness (Linux schedules threads one by one, so only this thread
+/// changes).
+#[cfg(target_os = "linux")]
+pub fn set_thread_nice(nice: i32) -> std::io::Result<()> {
+    // SAFETY: `gettid` and `setpriority` take plain integers and touch no memory of ours; the
+    // id is this thread's own.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Elsewhere the thread keeps its priority.
+#[cfg(not(target_os = "linux"))]
+pub fn set_thread_nice(_nice: i32) -> std::io::Result<()> {
     Ok(())
 }

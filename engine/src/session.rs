@@ -645,9 +645,22 @@ impl Session {
         st.fold_running = Some((done.clone(), slot.clone()));
         let me = Arc::clone(self);
         std::thread::spawn(move || {
+            // The fold builds on its own one-thread pool at a lower priority: on the shared
+            // pool its k-means jobs would queue ahead of a step's searches and stall it.
+            if let Err(e) = crate::sched::set_thread_nice(crate::sched::FOLD_NICE) {
+                log::warn!("fold thread keeps normal priority: {e}");
+            }
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .thread_name(|_| "strata-fold".into())
+                .start_handler(|_| {
+                    let _ = crate::sched::set_thread_nice(crate::sched::FOLD_NICE);
+                })
+                .build();
             // A panic in the build must still report back, or the fold would never finish.
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                me.build_delta(layer, start, end, &rows)
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &pool {
+                Ok(pool) => pool.install(|| me.build_delta(layer, start, end, &rows)),
+                Err(_) => me.build_delta(layer, start, end, &rows),
             }))
             .unwrap_or_else(|_| Err("the fold's build panicked".to_string()));
             *lock(&slot) = Some(result);
