@@ -1234,10 +1234,9 @@ impl RemainderEstimator {
                 if j == 0 || cand_lists[j - 1] != l {
                     runs.push((l, xs.len(), xs.len(), f32::NEG_INFINITY));
                 }
-                if !done {
+                if let (false, Some(run)) = (done, runs.last_mut()) {
                     let x = s * cand_scores[j] - noise;
                     xs.push(x);
-                    let run = runs.last_mut().expect("a run was opened above");
                     run.2 += 1;
                     run.3 = run.3.max(x);
                 }

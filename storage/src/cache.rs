@@ -3,8 +3,8 @@
 //! One mutex guards a hash map (key -> buffer, recency tick) and an ordered map (tick -> key). A
 //! hit only stamps its entry's tick; the ordered map catches up lazily at eviction time (an entry
 //! found under an old tick is re-queued under its current one), so hits are O(1), evictions
-//! O(log n) amortised, and the order evicted is still exactly least recently used. Buffers are `Arc`s: an evicted
-//! list stays alive for whoever is still reading it.
+//! O(log n) amortised, and the order evicted is still exactly least recently used. Buffers are
+//! `Arc`s: an evicted list stays alive for whoever is still reading it.
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};

@@ -34,6 +34,45 @@ fn evicts_least_recently_used_first() {
 }
 
 #[test]
+fn eviction_follows_a_reference_lru_through_many_touches() {
+    // Equal-sized entries, a budget of 8: the cache must hold exactly the 8 most recently
+    // inserted or hit keys after every operation, however often hits reorder them.
+    let c = RamCache::new(8 * 64);
+    let mut reference: Vec<u64> = Vec::new(); // least recently used first
+    let mut x = 12345u64;
+    for step in 0..2000u64 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let k = (x >> 33) % 20;
+        if step % 3 == 0 {
+            c.insert(key(9, k), buf(64, k as u8));
+            reference.retain(|&r| r != k);
+            reference.push(k);
+            if reference.len() > 8 {
+                reference.remove(0);
+            }
+        } else {
+            let hit = c.get(&key(9, k)).is_some();
+            assert_eq!(hit, reference.contains(&k), "step {step}: key {k}");
+            if hit {
+                reference.retain(|&r| r != k);
+                reference.push(k);
+            }
+        }
+        let many = c.get_many(&[]);
+        assert!(many.is_empty());
+        assert_eq!(c.len(), reference.len(), "step {step}");
+    }
+    // get_many answers like get, in order.
+    let keys: Vec<_> = (0..20).map(|k| key(9, k)).collect();
+    let got = c.get_many(&keys);
+    for (k, g) in got.iter().enumerate() {
+        assert_eq!(g.is_some(), reference.contains(&(k as u64)));
+    }
+}
+
+#[test]
 fn byte_budget_is_respected() {
     let c = RamCache::new(10_000);
     for i in 0..200u64 {
