@@ -681,6 +681,9 @@ fn run_context(
         )?;
         e2.set_prefetch(false);
         let id2 = e2.create_session(spec.clone(), None)?;
+        // Warm, like the warm phase: otherwise the slowest steps "not folding" are this fresh
+        // engine's first, cold ones, and the comparison says nothing about folds.
+        e2.preload(id2)?;
         let t = run_steps(&e2, id2, args.fold_steps, StepMode::Plain)?;
         let us = |folding: bool| -> Vec<f64> {
             t.iter()
