@@ -406,23 +406,7 @@ impl Engine {
     /// Tier placement: reads every posting list of the session's base index into the RAM tier,
     /// layer by layer, while the tier's budget holds them. Returns the bytes the tier holds.
     pub fn preload(&self, id: SessionId) -> EngineResult<u64> {
-        let s = self.session(id)?;
-        for l in 0..s.spec.layers.len() {
-            for h in 0..s.spec.kv_heads {
-                let head = s.base.head(l, h)?;
-                // The tier holds lists at their unpadded length.
-                let bytes: u64 = head.lists.iter().map(|x| x.len.to_native() as u64).sum();
-                if self.cache.stats().bytes + bytes > self.cache.capacity() {
-                    return Ok(self.cache.stats().bytes);
-                }
-                let ids: Vec<u32> = (0..head.lists.len() as u32).collect();
-                let mut stats = strata_index::SearchStats::default();
-                for chunk in ids.chunks(256) {
-                    s.base.fetch_lists(head, chunk, &mut stats)?;
-                }
-            }
-        }
-        Ok(self.cache.stats().bytes)
+        Ok(self.session(id)?.base.preload()?)
     }
 
     /// Forgets a session; its folder stays for reuse.

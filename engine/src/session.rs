@@ -695,6 +695,9 @@ impl Session {
         build_index_from(&input, &self.build, &dir, true, &|_, _| {}).map_err(|e| e.to_string())?;
         let index =
             Index::open(&dir, self.reader, self.cache.clone()).map_err(|e| e.to_string())?;
+        // The folded tokens are the most recent outside the window, which queries favour: read
+        // the new lists into the RAM tier now, not in the first step that searches them.
+        index.preload().map_err(|e| e.to_string())?;
         Ok(Delta {
             start,
             len: end - start,

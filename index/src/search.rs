@@ -425,6 +425,28 @@ impl Index {
         Ok(outs.into_iter().flatten().collect())
     }
 
+    /// Reads every list of every head into the RAM tier, head by head, while the tier has room
+    /// for the whole head (nothing is evicted for it). Returns the bytes the tier holds after.
+    pub fn preload(&self) -> IndexResult<u64> {
+        let cache = &self.cache;
+        for layer_slot in 0..self.manifest().source.layers.len() {
+            for kv_head in 0..self.kv_heads() {
+                let head = self.head(layer_slot, kv_head)?;
+                // The tier holds lists at their unpadded length.
+                let bytes: u64 = head.lists.iter().map(|x| x.len.to_native() as u64).sum();
+                if cache.stats().bytes + bytes > cache.capacity() {
+                    return Ok(cache.stats().bytes);
+                }
+                let ids: Vec<u32> = (0..head.lists.len() as u32).collect();
+                let mut stats = SearchStats::default();
+                for chunk in ids.chunks(256) {
+                    self.fetch_lists(head, chunk, &mut stats)?;
+                }
+            }
+        }
+        Ok(cache.stats().bytes)
+    }
+
     /// Reads into the RAM tier the lists that [`Index::search_group`] with these arguments would
     /// read, and nothing more: each query is planned (centroids, codes, candidates), the union of
     /// the lists they need is fetched, and no candidate is re-ranked. The prefetcher calls this
