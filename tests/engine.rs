@@ -358,6 +358,32 @@ fn admission_control_refuses_what_the_budgets_cannot_hold() {
 }
 
 #[test]
+fn a_folded_delta_is_in_ram_before_its_first_search() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(d) = dump(tmp.path()) else { return };
+    let e = engine(&tmp.path().join("root"), folding_every(64), full_search());
+    let id = e.create_session(spec(&d), Some(&prefill(&d))).unwrap();
+    e.preload(id).unwrap();
+    let mut checked = false;
+    for p in PREFILL..PREFILL + 140 {
+        let (q, k, v) = inputs(&d, 0, p);
+        let out = e.step(id, 0, &q, &k, &v).unwrap();
+        if out.telemetry.deltas > 0 && !checked {
+            // The first step that searches the new delta reads all of it (full budget).
+            assert_eq!(
+                out.telemetry.lists_from_ssd, 0,
+                "p {p}: the delta's lists were read from disk by a step"
+            );
+            checked = true;
+        }
+        if p == PREFILL + 129 {
+            e.finish_folds(id).unwrap();
+        }
+    }
+    assert!(checked, "no fold was installed");
+}
+
+#[test]
 fn a_failed_fold_keeps_tokens_static_and_the_session_usable() {
     let tmp = tempfile::tempdir().unwrap();
     let Some(d) = dump(tmp.path()) else { return };
