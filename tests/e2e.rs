@@ -275,6 +275,11 @@ fn cold_reads_come_from_disk_and_warm_from_ram() {
     assert!(cold.stats.ssd_reads > 0 && cold.stats.ssd_bytes > 0);
     assert_eq!(cold.stats.lists_from_ram, 0);
     let warm = index.search(0, 0, q, p, &params).unwrap();
+    // The phases account for the search's time, within it.
+    let ph = warm.stats.phases;
+    let phases =
+        ph.centroids_ns + ph.codes_ns + ph.select_ns + ph.rerank_ns + ph.estimate_ns + ph.gather_ns;
+    assert!(phases > 0 && phases + warm.stats.io_ns <= warm.stats.search_ns);
     assert_eq!(warm.stats.ssd_reads, 0);
     assert_eq!(warm.stats.lists_from_ram, warm.stats.lists_read);
     assert_eq!(cold.tokens, warm.tokens);

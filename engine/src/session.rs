@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use strata_index::linalg::dot;
 use strata_index::manifest::SourceInfo;
-use strata_index::search::Gather;
+use strata_index::search::{Gather, SearchPhases};
 use strata_index::{
     build_index_from, BuildInput, BuildParams, HeadArrays, Index, IndexError, Retrieved,
     SearchParams,
@@ -103,6 +103,8 @@ pub struct StepTelemetry {
     pub search_ns: u64,
     pub io_ns: u64,
     pub attention_ns: u64,
+    /// `search_ns` by phase, summed over heads.
+    pub search_phases: SearchPhases,
     /// A fold of this layer's tail was running in the background during the step.
     pub folding: bool,
     /// Delta indexes searched besides the base index.
@@ -507,6 +509,7 @@ impl Session {
                         let s = &r.stats;
                         tel.search_ns += s.search_ns;
                         tel.io_ns += s.io_ns;
+                        tel.search_phases.add(&s.phases);
                         tel.lists_from_ram += s.lists_from_ram;
                         tel.lists_from_ssd += s.lists_read - s.lists_from_ram;
                         tel.ssd_bytes += s.ssd_bytes;
@@ -563,6 +566,7 @@ impl Session {
                     tel.ssd_reads += t.ssd_reads;
                     tel.search_ns += t.search_ns;
                     tel.io_ns += t.io_ns;
+                    tel.search_phases.add(&t.search_phases);
                     tel.attention_ns += t.attention_ns;
                 }
                 Err(e) => {

@@ -20,7 +20,7 @@ pub use build::{
     build_index, build_index_from, BuildInput, BuildProgress, BuildReport, HeadArrays,
 };
 pub use params::{BuildParams, SearchParams};
-pub use search::{Index, Remainder, Retrieved, SearchStats};
+pub use search::{Index, Remainder, Retrieved, SearchPhases, SearchStats};
 
 /// Errors of index build and search; each names the file, parameter or query it is about.
 #[derive(Debug, thiserror::Error)]

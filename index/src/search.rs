@@ -57,6 +57,46 @@ pub struct SearchStats {
     pub estimate_bytes: u64,
     pub search_ns: u64,
     pub io_ns: u64,
+    /// Where `search_ns` went, by phase.
+    pub phases: SearchPhases,
+}
+
+/// Time of one search by phase, in nanoseconds; with `io_ns` they make up `search_ns` (less a
+/// little bookkeeping between phases).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct SearchPhases {
+    /// Validation, centroid (and group) scoring, ordering the lists.
+    pub centroids_ns: u64,
+    /// Scoring the probed lists' key codes.
+    pub codes_ns: u64,
+    /// Choosing the candidates to re-rank and the lists that hold them.
+    pub select_ns: u64,
+    /// Scoring the candidates exactly from their full keys, and picking the attended tokens.
+    pub rerank_ns: u64,
+    /// The remainder estimate and the adaptive budget.
+    pub estimate_ns: u64,
+    /// Reading the attended values (or attending them, with `Gather::Attention`).
+    pub gather_ns: u64,
+}
+
+impl SearchPhases {
+    /// Adds `other` phase by phase.
+    pub fn add(&mut self, other: &SearchPhases) {
+        self.centroids_ns += other.centroids_ns;
+        self.codes_ns += other.codes_ns;
+        self.select_ns += other.select_ns;
+        self.rerank_ns += other.rerank_ns;
+        self.estimate_ns += other.estimate_ns;
+        self.gather_ns += other.gather_ns;
+    }
+}
+
+/// Nanoseconds since `*mark`, moving the mark to now: consecutive calls time consecutive phases.
+fn lap(mark: &mut Instant) -> u64 {
+    let now = Instant::now();
+    let ns = now.duration_since(*mark).as_nanos() as u64;
+    *mark = now;
+    ns
 }
 
 /// Tokens a method chose to attend beyond the static ones.
@@ -604,6 +644,8 @@ impl Index {
         }
         lscores[..sorted_upto].sort_unstable_by(by_score);
 
+        let mut mark = started;
+        stats.phases.centroids_ns = lap(&mut mark);
         // 2. Code scoring of the probed lists' members.
         let sq = ScalarQuantizer {
             bits: head.code_bits.to_native(),
@@ -681,6 +723,7 @@ impl Index {
             }
         }
         stats.code_bytes = stats.codes_scored * sq.code_bytes() as u64;
+        stats.phases.codes_ns = lap(&mut mark);
         let keep = ((params.rerank_factor as f64) * budget as f64).ceil() as usize;
         let best = top_k_indices(&cand_scores, keep);
         // `best` is in candidate order, so each list's candidates are adjacent: dedup, then sort.
@@ -688,6 +731,8 @@ impl Index {
         need.dedup();
         need.sort_unstable();
 
+        stats.phases.select_ns = lap(&mut mark);
+        let plan_ns = started.elapsed().as_nanos() as u64;
         Ok(PlanOutcome::Planned(Box::new(Planned {
             head,
             q,
@@ -696,7 +741,7 @@ impl Index {
             position,
             params,
             static_lse,
-            plan_ns: started.elapsed().as_nanos() as u64,
+            plan_ns,
             scale,
             stats,
             unexpanded,
@@ -814,6 +859,8 @@ impl Index {
             });
         }
 
+        let mut mark = finish_started;
+        stats.phases.rerank_ns = lap(&mut mark);
         // 4. Remainder estimate and adaptive budget.
         let mut remainder = None;
         if estimate {
@@ -882,6 +929,7 @@ impl Index {
             }
         }
 
+        stats.phases.estimate_ns = lap(&mut mark);
         stats.value_bytes = top.len() as u64 * dim as u64 * 2;
         let value_row = |i: u32| {
             let (bi, r) = ex_rows[i as usize];
@@ -911,6 +959,7 @@ impl Index {
             remainder,
             stats,
         };
+        out.stats.phases.gather_ns = lap(&mut mark);
         out.stats.search_ns =
             plan_ns + out.stats.io_ns + finish_started.elapsed().as_nanos() as u64;
         Ok(out)

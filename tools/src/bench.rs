@@ -255,7 +255,20 @@ struct Phase {
     search_us_per_head: f64,
     io_us_per_head: f64,
     attention_us_per_head: f64,
+    /// `search_us_per_head` by phase (µs per query head; I/O is `io_us_per_head`).
+    search_phases_us_per_head: PhasesUs,
     tokens_attended_per_head: f64,
+}
+
+/// [`strata_index::SearchPhases`] in µs per query head.
+#[derive(Serialize, Clone, Default)]
+struct PhasesUs {
+    centroids: f64,
+    codes: f64,
+    select: f64,
+    rerank: f64,
+    estimate: f64,
+    gather: f64,
 }
 
 #[derive(Serialize)]
@@ -421,6 +434,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
             r.cold.ssd_bytes_per_step / 1024.0,
             r.warm.ram_hit_rate,
             r.tier_limited.iter().find(|t| t.prefetch).map(|t| t.phase.prefetch_hit_rate).unwrap_or(f64::NAN),
+        );
+        let (w, ph) = (&r.warm, &r.warm.search_phases_us_per_head);
+        println!(
+            "{:>8}   warm search per query head: {:.0} us = centroids {:.0} + codes {:.0} + select {:.0} + re-rank {:.0} + estimate {:.0} + gather {:.0} + lists {:.0}",
+            "", w.search_us_per_head, ph.centroids, ph.codes, ph.select, ph.rerank, ph.estimate, ph.gather, w.io_us_per_head
         );
         for t in &r.tier_limited {
             println!(
@@ -612,6 +630,19 @@ fn run_context(
                 / heads
                 / 1e3,
             io_us_per_head: t.iter().map(|x| x.io_ns as f64).sum::<f64>() / heads / 1e3,
+            search_phases_us_per_head: {
+                let per_head = |f: fn(&StepTelemetry) -> u64| {
+                    t.iter().map(|x| f(x) as f64).sum::<f64>() / heads / 1e3
+                };
+                PhasesUs {
+                    centroids: per_head(|x| x.search_phases.centroids_ns),
+                    codes: per_head(|x| x.search_phases.codes_ns),
+                    select: per_head(|x| x.search_phases.select_ns),
+                    rerank: per_head(|x| x.search_phases.rerank_ns),
+                    estimate: per_head(|x| x.search_phases.estimate_ns),
+                    gather: per_head(|x| x.search_phases.gather_ns),
+                }
+            },
             tokens_attended_per_head: t.iter().map(|x| x.tokens_attended as f64).sum::<f64>()
                 / heads,
         }
