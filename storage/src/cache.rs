@@ -107,6 +107,32 @@ impl Inner {
         self.next_tick
     }
 
+    /// One lookup: a hit stamps the entry as just used; `demand` lookups (not the prefetcher's)
+    /// are counted.
+    fn lookup(&mut self, key: &CacheKey, demand: bool) -> Option<Arc<AlignedBuf>> {
+        let tick = self.next_tick + 1;
+        match self.map.get_mut(key) {
+            Some(e) => {
+                self.next_tick = tick;
+                e.tick = tick;
+                if demand {
+                    self.hits += 1;
+                    if e.prefetched {
+                        e.prefetched = false;
+                        self.prefetch_hits += 1;
+                    }
+                }
+                Some(Arc::clone(&e.buf))
+            }
+            None => {
+                if demand {
+                    self.misses += 1;
+                }
+                None
+            }
+        }
+    }
+
     fn remove(&mut self, key: &CacheKey) -> Option<Entry> {
         let e = self.map.remove(key)?;
         self.order.remove(&e.queued);
@@ -137,7 +163,8 @@ impl RamCache {
 
     /// Looks up `key`, counting a hit or miss; a hit becomes the most recently used entry.
     pub fn get(&self, key: &CacheKey) -> Option<Arc<AlignedBuf>> {
-        self.get_many(std::slice::from_ref(key)).pop().flatten()
+        let demand = !prefetching();
+        self.lock().lookup(key, demand)
     }
 
     /// [`RamCache::get`] for every key, under one lock: a search asks for hundreds of lists at
@@ -145,32 +172,7 @@ impl RamCache {
     pub fn get_many(&self, keys: &[CacheKey]) -> Vec<Option<Arc<AlignedBuf>>> {
         let demand = !prefetching();
         let mut g = self.lock();
-        let inner = &mut *g;
-        keys.iter()
-            .map(|key| {
-                let tick = inner.next_tick + 1;
-                match inner.map.get_mut(key) {
-                    Some(e) => {
-                        inner.next_tick = tick;
-                        e.tick = tick;
-                        if demand {
-                            inner.hits += 1;
-                            if e.prefetched {
-                                e.prefetched = false;
-                                inner.prefetch_hits += 1;
-                            }
-                        }
-                        Some(Arc::clone(&e.buf))
-                    }
-                    None => {
-                        if demand {
-                            inner.misses += 1;
-                        }
-                        None
-                    }
-                }
-            })
-            .collect()
+        keys.iter().map(|key| g.lookup(key, demand)).collect()
     }
 
     /// Caches `buf` under `key` (replacing any previous entry), evicting least recently used
