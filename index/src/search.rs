@@ -1297,30 +1297,38 @@ impl RemainderEstimator {
         };
         if p.remainder_code_logits {
             // Candidates come list by list: one term per list, its tokens' logits summed in
-            // log space, rather than one term per token. One pass gathers each run's open
-            // logits and maximum, then every exponential is taken in one vectorised sweep.
-            let mut runs: Vec<(u32, usize, usize, f32)> = Vec::new();
-            let mut xs: Vec<f32> = Vec::with_capacity(cand_lists.len());
-            for (j, (&l, &done)) in cand_lists.iter().zip(in_exact).enumerate() {
-                if j == 0 || cand_lists[j - 1] != l {
-                    runs.push((l, xs.len(), xs.len(), f32::NEG_INFINITY));
+            // log space, rather than one term per token; every exponential is taken in one
+            // vectorised sweep. Exactly scored candidates get -inf (weight 0 after exp), so no
+            // pass has a per-candidate branch.
+            let mut xs: Vec<f32> = cand_scores
+                .iter()
+                .zip(in_exact)
+                .map(|(&c, &done)| {
+                    if done {
+                        f32::NEG_INFINITY
+                    } else {
+                        s * c - noise
+                    }
+                })
+                .collect();
+            // Runs of one list: (list, start, end, max open logit, open candidates).
+            let mut runs: Vec<(u32, usize, usize, f32, usize)> = Vec::new();
+            let mut a = 0;
+            while a < cand_lists.len() {
+                let l = cand_lists[a];
+                let b = a + cand_lists[a..].iter().take_while(|&&x| x == l).count();
+                let max = xs[a..b].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let open = in_exact[a..b].iter().filter(|&&d| !d).count();
+                if open > 0 && max.is_finite() {
+                    xs[a..b].iter_mut().for_each(|x| *x -= max);
+                    runs.push((l, a, b, max, open));
                 }
-                if let (false, Some(run)) = (done, runs.last_mut()) {
-                    let x = s * cand_scores[j] - noise;
-                    xs.push(x);
-                    run.2 += 1;
-                    run.3 = run.3.max(x);
-                }
-            }
-            for &(_, a, b, max) in &runs {
-                xs[a..b].iter_mut().for_each(|x| *x -= max);
+                a = b;
             }
             crate::simd::exp_in_place(&mut xs);
-            for &(l, a, b, max) in &runs {
-                if b > a && max.is_finite() {
-                    let sum: f32 = xs[a..b].iter().sum();
-                    self.add_logit(l, max + (sum / (b - a) as f32).ln(), (b - a) as f32);
-                }
+            for &(l, a, b, max, open) in &runs {
+                let sum: f32 = xs[a..b].iter().sum();
+                self.add_logit(l, max + (sum / open as f32).ln(), open as f32);
             }
         } else {
             let mut counts: Vec<(u32, u32)> = Vec::new();
