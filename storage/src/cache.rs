@@ -1,14 +1,16 @@
 //! The RAM tier: a byte-budgeted LRU cache of posting lists, shared by every session.
 //!
-//! One mutex guards a hash map (key -> buffer, recency tick) and an ordered map (tick -> key). A
-//! hit only stamps its entry's tick; the ordered map catches up lazily at eviction time (an entry
-//! found under an old tick is re-queued under its current one), so hits are O(1), evictions
-//! O(log n) amortised, and the order evicted is still exactly least recently used. Buffers are
-//! `Arc`s: an evicted list stays alive for whoever is still reading it.
+//! A read-write lock guards a hash map (key -> buffer, recency tick) and an ordered map (tick ->
+//! key). A hit only stamps its entry's atomic tick under the read lock, so lookups from many
+//! threads proceed together; the ordered map catches up lazily at eviction time, under the write
+//! lock (an entry found under an old tick is re-queued under its current one). Hits are O(1),
+//! evictions O(log n) amortised, and the order evicted is still exactly least recently used.
+//! Buffers are `Arc`s: an evicted list stays alive for whoever is still reading it.
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 thread_local! {
     /// Set while this thread works for the prefetcher: its lookups and insertions are counted as
@@ -55,12 +57,12 @@ pub struct CacheStats {
 
 struct Entry {
     buf: Arc<AlignedBuf>,
-    /// When it was last used.
-    tick: u64,
+    /// When it was last used (stamped by lookups under the read lock).
+    tick: AtomicU64,
     /// Its key in `Inner::order`: `tick` or older.
     queued: u64,
     /// Inserted by a prefetch and not yet used by a demand lookup.
-    prefetched: bool,
+    prefetched: AtomicBool,
 }
 
 /// Hashes a [`CacheKey`] with one multiply: the keys are file offsets, not attacker-chosen, so
@@ -85,54 +87,21 @@ impl std::hash::Hasher for KeyHasher {
     }
 }
 
+/// What changes only under the write lock: the entries, their order, the bytes and the
+/// insertion-side counters.
 #[derive(Default)]
 struct Inner {
     map: HashMap<CacheKey, Entry, std::hash::BuildHasherDefault<KeyHasher>>,
     /// Recency order, possibly stale: every entry appears once, under a tick no newer than its
     /// own.
     order: BTreeMap<u64, CacheKey>,
-    next_tick: u64,
     bytes: u64,
-    hits: u64,
-    misses: u64,
     insertions: u64,
     evictions: u64,
     prefetch_insertions: u64,
-    prefetch_hits: u64,
 }
 
 impl Inner {
-    fn tick(&mut self) -> u64 {
-        self.next_tick += 1;
-        self.next_tick
-    }
-
-    /// One lookup: a hit stamps the entry as just used; `demand` lookups (not the prefetcher's)
-    /// are counted.
-    fn lookup(&mut self, key: &CacheKey, demand: bool) -> Option<Arc<AlignedBuf>> {
-        let tick = self.next_tick + 1;
-        match self.map.get_mut(key) {
-            Some(e) => {
-                self.next_tick = tick;
-                e.tick = tick;
-                if demand {
-                    self.hits += 1;
-                    if e.prefetched {
-                        e.prefetched = false;
-                        self.prefetch_hits += 1;
-                    }
-                }
-                Some(Arc::clone(&e.buf))
-            }
-            None => {
-                if demand {
-                    self.misses += 1;
-                }
-                None
-            }
-        }
-    }
-
     fn remove(&mut self, key: &CacheKey) -> Option<Entry> {
         let e = self.map.remove(key)?;
         self.order.remove(&e.queued);
@@ -141,45 +110,84 @@ impl Inner {
     }
 }
 
-/// Thread-safe byte-budgeted LRU cache.
+/// Thread-safe byte-budgeted LRU cache. Lookups share a read lock (a hit stamps its entry's
+/// atomic tick), so the sessions' searches never wait for one another; inserting, evicting and
+/// clearing take the write lock.
 pub struct RamCache {
     capacity: u64,
-    inner: Mutex<Inner>,
+    inner: RwLock<Inner>,
+    next_tick: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    prefetch_hits: AtomicU64,
 }
 
 impl RamCache {
     pub fn new(capacity_bytes: u64) -> RamCache {
         RamCache {
             capacity: capacity_bytes,
-            inner: Mutex::new(Inner::default()),
+            inner: RwLock::new(Inner::default()),
+            next_tick: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            prefetch_hits: AtomicU64::new(0),
         }
     }
 
     /// A poisoned lock only means another thread panicked mid-operation; every operation leaves
     /// the maps consistent before it can panic, so carry on with the data.
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn read(&self) -> RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn tick(&self) -> u64 {
+        self.next_tick.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// Looks up `key`, counting a hit or miss; a hit becomes the most recently used entry.
     pub fn get(&self, key: &CacheKey) -> Option<Arc<AlignedBuf>> {
-        let demand = !prefetching();
-        self.lock().lookup(key, demand)
+        self.get_many(std::slice::from_ref(key)).pop().flatten()
     }
 
-    /// [`RamCache::get`] for every key, under one lock: a search asks for hundreds of lists at
-    /// once, and one lock round trip per list was a measurable share of a warm step.
+    /// [`RamCache::get`] for every key, under one read lock: a search asks for hundreds of
+    /// lists at once.
     pub fn get_many(&self, keys: &[CacheKey]) -> Vec<Option<Arc<AlignedBuf>>> {
         let demand = !prefetching();
-        let mut g = self.lock();
-        keys.iter().map(|key| g.lookup(key, demand)).collect()
+        let g = self.read();
+        let (mut hits, mut prefetch_hits) = (0, 0);
+        let out: Vec<_> = keys
+            .iter()
+            .map(|key| {
+                let e = g.map.get(key)?;
+                e.tick.store(self.tick(), Ordering::Relaxed);
+                if demand {
+                    hits += 1;
+                    if e.prefetched.swap(false, Ordering::Relaxed) {
+                        prefetch_hits += 1;
+                    }
+                }
+                Some(Arc::clone(&e.buf))
+            })
+            .collect();
+        if demand {
+            self.hits.fetch_add(hits, Ordering::Relaxed);
+            self.prefetch_hits
+                .fetch_add(prefetch_hits, Ordering::Relaxed);
+            self.misses
+                .fetch_add(keys.len() as u64 - hits, Ordering::Relaxed);
+        }
+        out
     }
 
     /// Caches `buf` under `key` (replacing any previous entry), evicting least recently used
     /// entries until the budget holds. A buffer larger than the whole budget is not cached.
     pub fn insert(&self, key: CacheKey, buf: Arc<AlignedBuf>) {
         let size = buf.len() as u64;
-        let mut g = self.lock();
+        let mut g = self.write();
         g.remove(&key);
         if size > self.capacity {
             return;
@@ -191,11 +199,11 @@ impl RamCache {
             let Some(e) = g.map.get_mut(&victim) else {
                 continue;
             };
-            if e.queued != e.tick {
+            let used = e.tick.load(Ordering::Relaxed);
+            if e.queued != used {
                 // Used since it was queued: re-queue it where it belongs.
-                e.queued = e.tick;
-                let t = e.tick;
-                g.order.insert(t, victim);
+                e.queued = used;
+                g.order.insert(used, victim);
                 continue;
             }
             if let Some(e) = g.map.remove(&victim) {
@@ -203,16 +211,16 @@ impl RamCache {
                 g.evictions += 1;
             }
         }
-        let tick = g.tick();
+        let tick = self.tick();
         let prefetched = prefetching();
         g.order.insert(tick, key);
         g.map.insert(
             key,
             Entry {
                 buf,
-                tick,
+                tick: AtomicU64::new(tick),
                 queued: tick,
-                prefetched,
+                prefetched: AtomicBool::new(prefetched),
             },
         );
         g.bytes += size;
@@ -224,12 +232,12 @@ impl RamCache {
 
     /// Whether `key` is cached, without counting or refreshing it.
     pub fn contains(&self, key: &CacheKey) -> bool {
-        self.lock().map.contains_key(key)
+        self.read().map.contains_key(key)
     }
 
     /// Number of cached entries.
     pub fn len(&self) -> usize {
-        self.lock().map.len()
+        self.read().map.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -243,35 +251,35 @@ impl RamCache {
 
     /// Drops every entry (counters are kept; see `reset_stats`).
     pub fn clear(&self) {
-        let mut g = self.lock();
+        let mut g = self.write();
         g.map.clear();
         g.order.clear();
         g.bytes = 0;
     }
 
     pub fn stats(&self) -> CacheStats {
-        let g = self.lock();
+        let g = self.read();
         CacheStats {
-            hits: g.hits,
-            misses: g.misses,
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
             insertions: g.insertions,
             evictions: g.evictions,
             bytes: g.bytes,
             capacity: self.capacity,
             prefetch_insertions: g.prefetch_insertions,
-            prefetch_hits: g.prefetch_hits,
+            prefetch_hits: self.prefetch_hits.load(Ordering::Relaxed),
         }
     }
 
     /// Zeroes the hit/miss/insertion/eviction counters (contents stay).
     pub fn reset_stats(&self) {
-        let mut g = self.lock();
-        g.hits = 0;
-        g.misses = 0;
+        let mut g = self.write();
+        self.hits.store(0, Ordering::Relaxed);
+        self.misses.store(0, Ordering::Relaxed);
+        self.prefetch_hits.store(0, Ordering::Relaxed);
         g.insertions = 0;
         g.evictions = 0;
         g.prefetch_insertions = 0;
-        g.prefetch_hits = 0;
     }
 }
 
