@@ -434,12 +434,7 @@ impl Index {
         if plans.is_empty() {
             return Ok(outs.into_iter().flatten().collect());
         }
-        let mut union: Vec<u32> = plans
-            .iter()
-            .flat_map(|(_, p)| p.need.iter().copied())
-            .collect();
-        union.sort_unstable();
-        union.dedup();
+        let union = lists_needed(plans.iter().map(|(_, p)| &**p));
         let head = self.head(layer_slot, kv_head)?;
         let io_started = Instant::now();
         let mut io_stats = SearchStats::default();
@@ -500,16 +495,15 @@ impl Index {
         position: usize,
         params: &SearchParams,
     ) -> IndexResult<usize> {
-        let mut union: Vec<u32> = Vec::new();
+        let mut plans = Vec::with_capacity(queries.len());
         for q in queries {
             if let PlanOutcome::Planned(p) =
                 self.plan(layer_slot, kv_head, q, position, params, None)?
             {
-                union.extend_from_slice(&p.need);
+                plans.push(p);
             }
         }
-        union.sort_unstable();
-        union.dedup();
+        let union = lists_needed(plans.iter().map(|p| &**p));
         if !union.is_empty() {
             let head = self.head(layer_slot, kv_head)?;
             self.fetch_lists(head, &union, &mut SearchStats::default())?;
@@ -1023,6 +1017,14 @@ impl Index {
         }
         Ok(out.into_iter().flatten().collect())
     }
+}
+
+/// The lists any of `plans` needs, ascending and once each: what a group search reads.
+fn lists_needed<'p, 'a: 'p>(plans: impl Iterator<Item = &'p Planned<'a>>) -> Vec<u32> {
+    let mut union: Vec<u32> = plans.flat_map(|p| p.need.iter().copied()).collect();
+    union.sort_unstable();
+    union.dedup();
+    union
 }
 
 /// What the remainder estimate needs to know about one search.
