@@ -6,8 +6,6 @@ evaluation queries per head.
 
     python3 tools/prototype/bit_alloc.py ../shared/data/gemma3-jargon-16k.safetensors 0
 """
-import os, sys
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from routing import *
 def alloc_bits(w, rng_, total, cap=8):
     b=np.zeros(len(w),int); err=w*rng_**2
@@ -30,9 +28,7 @@ def run(path, fs=(0.15,0.2,0.3), rs=(1.5,2.0), bitsavg=(1.0,1.5,2.0), nq=24, LS=
         for h in range(kvh):
             Kh=K[l,h]; k=T//LS
             Qtr=Qt[l,h*g:(h+1)*g].reshape(-1,D)
-            M=Qtr.T@Qtr/len(Qtr); w,V=np.linalg.eigh(M); w=np.maximum(w,1e-6*w.max()); X=Kh@(V*np.sqrt(w))
-            a=kmeans(X,k)
-            C=np.zeros((k,D)); np.add.at(C,a,Kh); C/=np.maximum(np.bincount(a,minlength=k),1)[:,None]
+            a,C,w,V=head_clusters(Kh,Qtr,k)
             lo=Kh.min(0); st=(Kh.max(0)-lo)/15; st[st==0]=1
             approx={'sq4':(np.clip(np.round((Kh-lo)/st),0,15)*st+lo, None)}
             Y=Kh@V; r_=Y.max(0)-Y.min(0)
@@ -43,11 +39,7 @@ def run(path, fs=(0.15,0.2,0.3), rs=(1.5,2.0), bitsavg=(1.0,1.5,2.0), nq=24, LS=
             for hq in range(h*g,(h+1)*g):
                 for qi in sel:
                     q=Qe[l,hq,qi]; p=qpos[qi]; vis=p+1
-                    s=Kh[:vis]@q; z=scales[l]*s; z-=z.max(); e=np.exp(z); e/=e.sum()
-                    stat=np.zeros(vis,bool); stat[:4]=True; stat[max(0,vis-64):]=True
-                    nb=int(np.ceil(budget*vis))
-                    s2=np.where(stat,-np.inf,s); order=np.argsort(-s2); top100=set(order[:100]); ormass=e[stat].sum()+e[order[:nb]].sum()
-                    ls=C@q; lo_=np.argsort(-ls); sizes=np.bincount(a[:vis],minlength=k); cum=np.cumsum(sizes[lo_])
+                    s,e,stat,nb,top100,ormass,lo_,cum=query_context(Kh,q,p,scales[l],a,C,k,budget)
                     for f in fs:
                         n=np.searchsorted(cum,f*vis)+1
                         probed=np.isin(a[:vis],lo_[:n]) & ~stat

@@ -16,11 +16,7 @@ def pipeline(path, fs=(0.1,0.15,0.2), rs=(1,1.5,2), bits=(3,4), nq=32, LS=32, bu
         for h in range(kvh):
             Kh=K[l,h]; k=T//LS
             Qtr=Qt[l,h*g:(h+1)*g].reshape(-1,D)
-            if mode=='plain': X=Kh
-            else:
-                M=Qtr.T@Qtr/len(Qtr); w,V=np.linalg.eigh(M); w=np.maximum(w,1e-6*w.max()); X=Kh@(V*np.sqrt(w))
-            a=kmeans(X,k)
-            C=np.zeros((k,D)); np.add.at(C,a,Kh); C/=np.maximum(np.bincount(a,minlength=k),1)[:,None]
+            a,C,_,_=head_clusters(Kh,Qtr,k,metric=mode!='plain')
             codes={}
             for b in bits:
                 lo=Kh.min(0); st=(Kh.max(0)-lo)/(2**b-1); st[st==0]=1
@@ -29,11 +25,7 @@ def pipeline(path, fs=(0.1,0.15,0.2), rs=(1,1.5,2), bits=(3,4), nq=32, LS=32, bu
             for hq in range(h*g,(h+1)*g):
                 for qi in sel:
                     q=Qe[l,hq,qi]; p=qpos[qi]; vis=p+1
-                    s=Kh[:vis]@q; z=scales[l]*s; z-=z.max(); e=np.exp(z); e/=e.sum()
-                    stat=np.zeros(vis,bool); stat[:4]=True; stat[max(0,vis-64):]=True
-                    nb=int(np.ceil(budget*vis))
-                    s2=np.where(stat,-np.inf,s); order=np.argsort(-s2); top100=set(order[:100]); ormass=e[stat].sum()+e[order[:nb]].sum()
-                    ls=C@q; lo_=np.argsort(-ls); sizes=np.bincount(a[:vis],minlength=k); cum=np.cumsum(sizes[lo_])
+                    s,e,stat,nb,top100,ormass,lo_,cum=query_context(Kh,q,p,scales[l],a,C,k,budget)
                     for f in fs:
                         n=np.searchsorted(cum,f*vis)+1
                         probed=np.isin(a[:vis],lo_[:n]) & ~stat

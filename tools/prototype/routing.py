@@ -26,6 +26,29 @@ def kmeans(X, k, iters=8, seed=0):
             if m.any(): C[j]=X[m].mean(0)
             else: C[j]=X[rng.integers(len(X))]
     return a
+def head_clusters(Kh, Qtr, k, metric=True):
+    """k-means of one head's keys, under the query metric M = E[qq^T] of its train queries Qtr
+    (metric=True) or plain key distance: assignment, raw-key centroids, and M's eigenvalues and
+    eigenvectors (None without the metric)."""
+    w=V=None
+    if metric:
+        M=Qtr.T@Qtr/len(Qtr); w,V=np.linalg.eigh(M); w=np.maximum(w,1e-6*w.max())
+        X=Kh@(V*np.sqrt(w))
+    else: X=Kh
+    a=kmeans(X,k)
+    C=np.zeros((k,Kh.shape[1])); np.add.at(C,a,Kh); C/=np.maximum(np.bincount(a,minlength=k),1)[:,None]
+    return a,C,w,V
+def query_context(Kh, q, p, scale, a, C, k, budget, sink=4, recent=64):
+    """One evaluation query at position p: exact scores s, attention probabilities e, the static
+    mask, the budget nb, the exact non-static top-100, the oracle's covered mass, the lists best
+    centroid first and their cumulative visible sizes."""
+    vis=p+1
+    s=Kh[:vis]@q; z=scale*s; z-=z.max(); e=np.exp(z); e/=e.sum()
+    stat=np.zeros(vis,bool); stat[:sink]=True; stat[max(0,vis-recent):]=True
+    nb=int(np.ceil(budget*vis))
+    s2=np.where(stat,-np.inf,s); order=np.argsort(-s2); top100=set(order[:100]); ormass=e[stat].sum()+e[order[:nb]].sum()
+    ls=C@q; lo_=np.argsort(-ls); sizes=np.bincount(a[:vis],minlength=k); cum=np.cumsum(sizes[lo_])
+    return s,e,stat,nb,top100,ormass,lo_,cum
 def evaluate(K, Q, pos, assign, k, route, fracs, sink=4, recent=64):
     # route: function(q, centroids-like stats) -> list scores
     res={f:[] for f in fracs}
@@ -55,13 +78,7 @@ def run(path, nq=48, fracs=(0.03,0.05,0.1,0.2,0.4), modes=('plain','maha')):
             for h in range(kvh):
                 Kh=K[l,h]; k=T//LS
                 Qtr=Qt[l,h*g:(h+1)*g].reshape(-1,D)
-                if mode.startswith('plain'): X=Kh
-                else:
-                    M=Qtr.T@Qtr/len(Qtr)
-                    w,V=np.linalg.eigh(M); w=np.maximum(w,1e-6*w.max())
-                    X=Kh@(V*np.sqrt(w))
-                a=kmeans(X,k)
-                C=np.zeros((k,D)); np.add.at(C,a,Kh); C/=np.maximum(np.bincount(a,minlength=k),1)[:,None]
+                a,C,_,_=head_clusters(Kh,Qtr,k,metric=not mode.startswith('plain'))
                 var=np.zeros((k,D)); np.add.at(var,a,Kh*Kh); var=var/np.maximum(np.bincount(a,minlength=k),1)[:,None]-C*C; var=np.maximum(var,0)
                 alpha=float(mode.split('+')[1]) if '+' in mode else 0.0
                 rad=np.sqrt(var.sum(1))/np.sqrt(D)

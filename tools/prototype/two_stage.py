@@ -14,17 +14,13 @@ def pipeline(path, configs, nq=32, LS=32, budget=0.02):
     for l in range(L):
         for h in range(kvh):
             Kh=K[l,h]; k=T//LS; Qtr=Qt[l,h*g:(h+1)*g].reshape(-1,D)
-            M=Qtr.T@Qtr/len(Qtr); w,V=np.linalg.eigh(M); w=np.maximum(w,1e-6*w.max()); X=Kh@(V*np.sqrt(w))
-            a=kmeans(X,k); C=np.zeros((k,D)); np.add.at(C,a,Kh); C/=np.maximum(np.bincount(a,minlength=k),1)[:,None]
+            a,C,_,_=head_clusters(Kh,Qtr,k)
             codes={b:q_codes(Kh,b) for b in (1,2,4)}
             sel=rng.choice(Qe.shape[2],nq,replace=False)
             for hq in range(h*g,(h+1)*g):
                 for qi in sel:
                     q=Qe[l,hq,qi]; p=qpos[qi]; vis=p+1
-                    s=Kh[:vis]@q; z=scales[l]*s; z-=z.max(); e=np.exp(z); e/=e.sum()
-                    stat=np.zeros(vis,bool); stat[:4]=True; stat[max(0,vis-64):]=True
-                    nb=int(np.ceil(budget*vis)); s2=np.where(stat,-np.inf,s); order=np.argsort(-s2); top100=set(order[:100]); ormass=e[stat].sum()+e[order[:nb]].sum()
-                    ls=C@q; lo_=np.argsort(-ls); sizes=np.bincount(a[:vis],minlength=k); cum=np.cumsum(sizes[lo_])
+                    s,e,stat,nb,top100,ormass,lo_,cum=query_context(Kh,q,p,scales[l],a,C,k,budget)
                     for cfg in configs:
                         f,b1,k1=cfg
                         n=np.searchsorted(cum,f*vis)+1
