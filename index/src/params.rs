@@ -208,12 +208,20 @@ impl SearchParams {
             || (token <= position && token + (self.recent_tokens as usize) > position)
     }
 
+    /// For a query at `position`: the end of the sinks and the start of the recent window, so
+    /// that the searchable tokens are `sink_end..recent_start` (empty when they overlap).
+    pub fn static_edges(&self, position: usize) -> (usize, usize) {
+        let visible = position + 1;
+        let sink_end = (self.sink_tokens as usize).min(visible);
+        let recent_start = sink_end.max(visible.saturating_sub(self.recent_tokens as usize));
+        (sink_end, recent_start)
+    }
+
     /// The static tokens of a query at `position`, ascending.
     pub fn static_tokens(&self, position: usize) -> Vec<u32> {
-        let sinks = (self.sink_tokens as usize).min(position + 1);
-        let recent_start = (position + 1).saturating_sub(self.recent_tokens as usize);
-        let mut out: Vec<u32> = (0..sinks as u32).collect();
-        out.extend((recent_start.max(sinks)..=position).map(|t| t as u32));
+        let (sink_end, recent_start) = self.static_edges(position);
+        let mut out: Vec<u32> = (0..sink_end as u32).collect();
+        out.extend((recent_start..=position).map(|t| t as u32));
         out
     }
 }

@@ -655,8 +655,7 @@ impl Index {
             .list_bounds
             .get(layer_slot * self.kv_heads() + kv_head)
             .and_then(|b| b.as_deref());
-        let sink_end = (params.sink_tokens as usize).min(visible);
-        let recent_start = sink_end.max(visible.saturating_sub(params.recent_tokens as usize));
+        let edges = params.static_edges(position);
         let mut probed = 0usize;
         let mut probed_lists = 0usize;
         let mut cand_tokens: Vec<u32> = Vec::with_capacity(probe_target + 64);
@@ -686,10 +685,8 @@ impl Index {
             let first_block = block_start[l as usize] as usize;
             // A list whose members all lie between the sinks and the window (most of them, when
             // the head's lists are sorted) needs no per-member check.
-            let all_open = bounds.is_some_and(|b| {
-                let (first, last) = b[l as usize];
-                !members.is_empty() && first as usize >= sink_end && (last as usize) < recent_start
-            });
+            let all_open =
+                bounds.is_some_and(|b| lies_between_statics(b[l as usize], members.len(), edges));
             for (b, chunk) in members.chunks(CODE_BLOCK).enumerate() {
                 let at = (first_block + b) * block_bytes;
                 cq.score_block(&codes[at..at + block_bytes], &mut lane_scores);
@@ -792,7 +789,6 @@ impl Index {
         // scored exactly: the codes already ranked every probed member, and re-scoring whole
         // lists would cost full-key work for tokens the codes ruled out. The plan appended
         // candidates list by list, so `best` (ascending) comes grouped by list.
-        let order = best;
         let views = bufs
             .iter()
             .zip(&need)
@@ -805,12 +801,12 @@ impl Index {
                 })
             })
             .collect::<IndexResult<Vec<_>>>()?;
-        let mut ex_tokens: Vec<u32> = Vec::with_capacity(order.len());
-        let mut ex_scores: Vec<f32> = Vec::with_capacity(order.len());
-        let mut ex_cand: Vec<u32> = Vec::with_capacity(order.len());
-        let mut ex_rows: Vec<(u32, u32)> = Vec::with_capacity(order.len());
+        let mut ex_tokens: Vec<u32> = Vec::with_capacity(best.len());
+        let mut ex_scores: Vec<f32> = Vec::with_capacity(best.len());
+        let mut ex_cand: Vec<u32> = Vec::with_capacity(best.len());
+        let mut ex_rows: Vec<(u32, u32)> = Vec::with_capacity(best.len());
         let mut run_list = (u32::MAX, 0usize);
-        for &ci in &order {
+        for &ci in &best {
             let (l, t) = (cand_lists[ci as usize], cand_tokens[ci as usize]);
             if run_list.0 != l {
                 let bi = need.binary_search(&l).map_err(|_| IndexError::Open {
@@ -1019,6 +1015,12 @@ impl Index {
     }
 }
 
+/// Whether a non-empty run of tokens with these first and last members lies wholly between the
+/// sinks and the recent window (`edges`, from [`SearchParams::static_edges`]).
+fn lies_between_statics((first, last): (u32, u32), members: usize, edges: (usize, usize)) -> bool {
+    members > 0 && first as usize >= edges.0 && (last as usize) < edges.1
+}
+
 /// The lists any of `plans` needs, ascending and once each: what a group search reads.
 fn lists_needed<'p, 'a: 'p>(plans: impl Iterator<Item = &'p Planned<'a>>) -> Vec<u32> {
     let mut union: Vec<u32> = plans.flat_map(|p| p.need.iter().copied()).collect();
@@ -1057,10 +1059,7 @@ impl EstimateContext<'_> {
 
     /// The sink end and window start of this search's position.
     fn static_edges(&self) -> (usize, usize) {
-        let visible = self.position + 1;
-        let sink_end = (self.params.sink_tokens as usize).min(visible);
-        let recent_start = sink_end.max(visible.saturating_sub(self.params.recent_tokens as usize));
-        (sink_end, recent_start)
+        self.params.static_edges(self.position)
     }
 
     /// Ranges of list `l`'s members (sorted lists only), and the bytes read to find them.
@@ -1070,8 +1069,7 @@ impl EstimateContext<'_> {
         let n = (start[l + 1] - start[l]) as usize;
         // Most lists lie wholly between the sinks and the window: their first and last members
         // say so, and the members themselves need not be read.
-        let (first, last) = bounds[l];
-        if n > 0 && first as usize >= sink_end && (last as usize) < recent_start {
+        if lies_between_statics(bounds[l], n, (sink_end, recent_start)) {
             return (MemberRanges { a: 0, b: n, c: n }, 16);
         }
         let members = self.members(l);
@@ -1364,12 +1362,12 @@ impl RemainderEstimator {
         // An unexpanded group lying wholly between the sinks and the window is one term (id
         // `lists + group`, valued at the group's mean value); otherwise its lists are terms.
         let n_lists = ctx.head.lists.len() as u32;
-        let (sink_end, recent_start) = ctx.static_edges();
+        let edges = ctx.static_edges();
         let gstart = u32s(&ctx.head.group_start);
         let glists = u32s(&ctx.head.group_lists);
         for &(g, c) in unexpanded {
             if let Some(&(first, last, n)) = ctx.group_bounds.get(g as usize) {
-                if n > 0 && first as usize >= sink_end && (last as usize) < recent_start {
+                if lies_between_statics((first, last), n as usize, edges) {
                     stats.estimate_bytes += 12;
                     self.add_logit(n_lists + g, s * c, n as f32);
                     continue;
