@@ -159,11 +159,17 @@ impl RamCache {
         let demand = !prefetching();
         let g = self.read();
         let (mut hits, mut prefetch_hits) = (0, 0);
+        // One atomic add reserves a tick per key (in key order), not one per hit.
+        let first_tick = self
+            .next_tick
+            .fetch_add(keys.len() as u64, Ordering::Relaxed)
+            + 1;
         let out: Vec<_> = keys
             .iter()
-            .map(|key| {
+            .zip(first_tick..)
+            .map(|(key, tick)| {
                 let e = g.map.get(key)?;
-                e.tick.store(self.tick(), Ordering::Relaxed);
+                e.tick.store(tick, Ordering::Relaxed);
                 if demand {
                     hits += 1;
                     if e.prefetched.swap(false, Ordering::Relaxed) {
