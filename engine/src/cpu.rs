@@ -42,7 +42,7 @@ pub fn attend_group_f32(
     dim: usize,
 ) -> Vec<Attended> {
     // A kernel, like `attend_f32`: callers (the engine's step, the bench) pass validated shapes.
-    debug_assert!(dim > 0 && keys.len() % dim == 0 && values.len() == keys.len());
+    debug_assert!(dim > 0 && keys.len().is_multiple_of(dim) && values.len() == keys.len());
     debug_assert!(queries.iter().all(|q| q.len() == dim));
     let n = keys.len() / dim.max(1);
     let g = queries.len();
