@@ -127,6 +127,10 @@ mod tests {
         assert_eq!(top_k_indices(&signed, 5), vec![0, 1, 4, 5, 6]);
         assert_eq!(top_k_indices(&v, 0), Vec::<u32>::new());
         assert_eq!(top_k_indices(&v, 9).len(), 5);
+        // A range wider than f32 can hold.
+        let wide = [f32::MAX, -f32::MAX, 1.0, 2.0, -3.0];
+        assert_eq!(top_k_indices(&wide, 2), vec![0, 3]);
+        assert_eq!(top_k_indices(&wide, 4), vec![0, 2, 3, 4]);
     }
 
     #[test]
@@ -141,6 +145,35 @@ mod tests {
             reference.truncate(k);
             reference.sort_unstable();
             assert_eq!(top_k_indices(&v, k), reference, "k={k}");
+        }
+    }
+
+    #[test]
+    fn top_k_matches_a_full_sort_on_spread_and_non_finite_values() {
+        let reference = |v: &[f32], k: usize| {
+            let mut r: Vec<u32> = (0..v.len() as u32).collect();
+            r.sort_by(|&a, &b| v[b as usize].total_cmp(&v[a as usize]).then(a.cmp(&b)));
+            r.truncate(k);
+            r.sort_unstable();
+            r
+        };
+        // Scores as the code scan makes them: many distinct values in a narrow range, a tail,
+        // signed zeros; then the same with infinities, which take the order-key histogram.
+        let mut v: Vec<f32> = (0..6000u32)
+            .map(|i| ((i.wrapping_mul(2_654_435_761) >> 8) % 100_000) as f32 * 1e-4 - 3.0)
+            .collect();
+        v[17] = 40.0;
+        v[18] = -0.0;
+        v[19] = 0.0;
+        for k in [1usize, 5, 1800, 3000, 5999] {
+            assert_eq!(top_k_indices(&v, k), reference(&v, k), "k={k}");
+        }
+        v[20] = f32::INFINITY;
+        v[21] = f32::NEG_INFINITY;
+        v[22] = f32::MAX;
+        v[23] = -f32::MAX;
+        for k in [1usize, 2, 1800, 5999] {
+            assert_eq!(top_k_indices(&v, k), reference(&v, k), "k={k}");
         }
     }
 
