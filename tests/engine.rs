@@ -22,6 +22,11 @@ fn dump(dir: &Path) -> Option<KvDump> {
 }
 
 fn spec(d: &KvDump) -> SessionSpec {
+    spec_of_prefix(d, PREFILL)
+}
+
+/// The session spec of the dump's first `tokens` tokens.
+fn spec_of_prefix(d: &KvDump, tokens: usize) -> SessionSpec {
     SessionSpec {
         model: d.meta.model.clone(),
         layers: d.meta.layers.clone(),
@@ -29,7 +34,7 @@ fn spec(d: &KvDump) -> SessionSpec {
         kv_heads: d.meta.kv_heads,
         head_dim: d.meta.head_dim,
         softmax_scale: d.meta.softmax_scale.clone(),
-        token_ids: d.token_ids[..PREFILL].to_vec(),
+        token_ids: d.token_ids[..tokens].to_vec(),
     }
 }
 
@@ -527,4 +532,126 @@ fn specs_parameters_and_prefill_values_are_validated() {
         .to_string();
     assert!(err.contains("70 query floats"), "{err}");
     assert!(e.session_ids().is_empty());
+}
+
+/// Copies a folder tree (a committed fixture, into a scratch folder the test may change).
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// `fixtures/session-tail-v1` is a session folder written by the build before tail format 2:
+/// a 96-token prefill of the tiny dump (`fixtures/tiny-smollm2.safetensors`), 48 appended
+/// steps with a window of 8 and folds of 16 tokens, then `close_session`. It must reopen with
+/// its tail and delta, and answer the next steps exactly.
+#[test]
+fn a_tail_written_by_format_version_1_reopens() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let d = KvDump::open(&fixtures.join("tiny-smollm2.safetensors")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    copy_tree(&fixtures.join("session-tail-v1"), &root);
+    let search = SearchParams {
+        recent_tokens: 8,
+        ..full_search()
+    };
+    let e = engine(&root, folding_every(16), search);
+    let (prefill, appended) = (96, 48);
+    let id = e.create_session(spec_of_prefix(&d, prefill), None).unwrap();
+    let info = e.info(id).unwrap();
+    assert!(info.reused_index);
+    assert_eq!(info.lengths, vec![prefill + appended]);
+    let dim = d.meta.head_dim;
+    for p in prefill + appended..d.token_ids.len() {
+        let (q, k, v) = inputs(&d, 0, p);
+        let out = e.step(id, 0, &q, &k, &v).unwrap();
+        for (qh, head) in out.heads.iter().enumerate() {
+            let (want, lse) = exact(&d, 0, qh, &q[qh * dim..(qh + 1) * dim], p);
+            assert!(
+                rel_err(&head.output, &want) < 1e-4,
+                "position {p} head {qh}"
+            );
+            assert!((head.lse - lse).abs() < 1e-3, "position {p} head {qh}");
+        }
+    }
+    // Closing writes the current version, which reopens too.
+    e.close_session(id).unwrap();
+    let e = engine(&root, folding_every(16), full_search());
+    let id = e.create_session(spec_of_prefix(&d, prefill), None).unwrap();
+    assert_eq!(e.info(id).unwrap().lengths, vec![d.token_ids.len()]);
+}
+
+/// Delta indexes under `dir`, opened.
+fn deltas_in(dir: &Path) -> Vec<strata_index::Index> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("delta-")
+        {
+            out.push(
+                strata_index::Index::open(
+                    &path,
+                    ReaderPreference::Auto,
+                    std::sync::Arc::new(strata_storage::cache::RamCache::new(0)),
+                )
+                .unwrap(),
+            );
+        }
+    }
+    out
+}
+
+/// The recent queries (the next fold's metric) are part of the persisted tail: a fold soon
+/// after a restart is clustered under the queries of the steps before it.
+#[test]
+fn recent_queries_survive_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(d) = dump(tmp.path()) else { return };
+    let root = tmp.path().join("root");
+    // 30 steps of queries (90 rows per KV head, over the 64 the metric needs); the first fold
+    // comes once 64 tokens have left the 64-token window, after 128 steps.
+    let params = EngineParams {
+        fold_query_steps: 30,
+        ..folding_every(64)
+    };
+    let group = d.meta.q_heads / d.meta.kv_heads;
+    let before = 120;
+    {
+        let e = engine(&root, params.clone(), SearchParams::default());
+        let id = e.create_session(spec(&d), Some(&prefill(&d))).unwrap();
+        for p in PREFILL..PREFILL + before {
+            let (q, k, v) = inputs(&d, 0, p);
+            e.step(id, 0, &q, &k, &v).unwrap();
+        }
+        e.close_session(id).unwrap();
+    }
+    let e = engine(&root, params, SearchParams::default());
+    let id = e.create_session(spec(&d), None).unwrap();
+    let dir = e.info(id).unwrap().dir;
+    assert!(deltas_in(&dir).is_empty(), "a fold before the restart");
+    // Fewer steps than the metric needs on their own (16 × 3 rows < 64 dims).
+    for p in PREFILL + before..PREFILL + before + 16 {
+        let (q, k, v) = inputs(&d, 0, p);
+        e.step(id, 0, &q, &k, &v).unwrap();
+    }
+    e.finish_folds(id).unwrap();
+    let deltas = deltas_in(&dir);
+    assert!(!deltas.is_empty(), "no fold after the restart");
+    for index in &deltas {
+        for h in index.manifest().heads.iter() {
+            assert_eq!(h.metric_queries, (30 * group) as u32);
+        }
+    }
 }

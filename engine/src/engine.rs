@@ -18,14 +18,17 @@ use strata_storage::reader::ReaderPreference;
 use crate::config::EngineParams;
 use crate::error::{EngineError, EngineResult};
 use crate::session::{
-    delta_dir, dir_bytes, Delta, Rows, Session, SessionInfo, SessionSpec, StepOutput,
+    delta_dir, dir_bytes, Delta, QueryRing, Rows, Session, SessionInfo, SessionSpec, StepOutput,
 };
 
 pub type SessionId = u64;
 
 const TAIL_FILE: &str = "tail.strata";
 const TAIL_MAGIC: [u8; 8] = *b"STRTAIL\x01";
-const TAIL_VERSION: u32 = 1;
+/// Version 2 added the recent queries (the next fold's metric); version 1 files still load,
+/// with no queries.
+const TAIL_VERSION: u32 = 2;
+const TAIL_OLDEST_VERSION: u32 = 1;
 const SPEC_FILE: &str = "session.json";
 
 struct PrefetchJob {
@@ -298,6 +301,7 @@ impl Engine {
                     st.tail = Rows::new(session.spec.kv_heads);
                     st.folded_upto = n.max(self.search.sink_tokens as usize);
                     st.deltas.clear();
+                    st.recent_queries.iter_mut().for_each(QueryRing::clear);
                 }
             }
         }
@@ -481,8 +485,9 @@ fn prefetch_layer(s: &Arc<Session>, layer: usize, queries: &[f32], margin: f32) 
     });
 }
 
-/// Tail file: a JSON header (per layer: length, folded prefix, deltas) then the f32 rows of
-/// every layer and KV head (keys, then values), ending with the strata footer.
+/// Tail file: a JSON header (per layer: length, folded prefix, deltas, recent query rows per KV
+/// head) then the f32 rows of every layer and KV head (keys, values, then its recent queries
+/// oldest first), ending with the strata footer.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct TailHeader {
     base_tokens: usize,
@@ -496,6 +501,9 @@ struct TailLayer {
     len: usize,
     folded_upto: usize,
     deltas: Vec<(usize, usize)>,
+    /// Per KV head, how many recent query rows follow its values (absent in version 1).
+    #[serde(default)]
+    query_rows: Vec<usize>,
 }
 
 fn save_tail(s: &Session, path: &Path) -> EngineResult<()> {
@@ -508,13 +516,20 @@ fn save_tail(s: &Session, path: &Path) -> EngineResult<()> {
     let mut rows: Vec<u8> = Vec::new();
     for layer in &s.layers {
         let st = layer.lock().unwrap_or_else(|p| p.into_inner());
+        let dim = s.spec.head_dim;
         header.layers.push(TailLayer {
             len: st.len,
             folded_upto: st.folded_upto,
             deltas: st.deltas.iter().map(|d| (d.start, d.len)).collect(),
+            query_rows: st
+                .recent_queries
+                .iter()
+                .map(|r| r.oldest_first().len() / dim.max(1))
+                .collect(),
         });
         for h in 0..s.spec.kv_heads {
-            for v in st.tail.k[h].iter().chain(&st.tail.v[h]) {
+            let queries = st.recent_queries[h].oldest_first();
+            for v in st.tail.k[h].iter().chain(&st.tail.v[h]).chain(&queries) {
                 rows.extend_from_slice(&v.to_le_bytes());
             }
         }
@@ -534,7 +549,12 @@ fn save_tail(s: &Session, path: &Path) -> EngineResult<()> {
 
 fn load_tail(s: &Session, path: &Path) -> EngineResult<()> {
     let bytes = std::fs::read(path).map_err(|e| folder_err(path, format!("read: {e}")))?;
-    let payload = footer::check_whole(path, &bytes, TAIL_MAGIC, TAIL_VERSION)?;
+    let (payload, version) = footer::check_whole_of_versions(
+        path,
+        &bytes,
+        TAIL_MAGIC,
+        TAIL_OLDEST_VERSION..=TAIL_VERSION,
+    )?;
     let bad = |p: &str| folder_err(path, format!("tail file: {p}"));
     if payload.len() < 8 {
         return Err(bad("no header"));
@@ -563,18 +583,30 @@ fn load_tail(s: &Session, path: &Path) -> EngineResult<()> {
             return Err(bad(&format!("layer {l}: inconsistent lengths")));
         }
         let n = (th.len - s.base_tokens) * dim;
+        let query_rows = match (version, th.query_rows.len()) {
+            (1, _) => vec![0; kv],
+            (_, len) if len == kv => th.query_rows.clone(),
+            (_, len) => {
+                return Err(bad(&format!(
+                    "layer {l}: query rows for {len} KV heads, the session has {kv}"
+                )))
+            }
+        };
         let mut tail = Rows {
             k: Vec::with_capacity(kv),
             v: Vec::with_capacity(kv),
         };
-        for _ in 0..kv {
+        let mut queries = Vec::with_capacity(kv);
+        for &q_rows in &query_rows {
             let k: Vec<f32> = floats.by_ref().take(n).collect();
             let v: Vec<f32> = floats.by_ref().take(n).collect();
-            if k.len() != n || v.len() != n {
+            let q: Vec<f32> = floats.by_ref().take(q_rows * dim).collect();
+            if k.len() != n || v.len() != n || q.len() != q_rows * dim {
                 return Err(bad(&format!("layer {l}: rows cut short")));
             }
             tail.k.push(k);
             tail.v.push(v);
+            queries.push(q);
         }
         // Deltas must tile [base, folded_upto) in order, none empty.
         let mut next = s.base_tokens.max(s.search.sink_tokens as usize);
@@ -615,6 +647,12 @@ fn load_tail(s: &Session, path: &Path) -> EngineResult<()> {
         st.tail = tail;
         st.folded_upto = th.folded_upto;
         st.deltas = deltas;
+        for (ring, q) in st.recent_queries.iter_mut().zip(&queries) {
+            ring.clear();
+            for row in q.chunks_exact(dim) {
+                ring.push(row);
+            }
+        }
     }
     if floats.next().is_some() {
         return Err(bad("trailing rows"));

@@ -210,7 +210,7 @@ impl QueryRing {
         }
     }
 
-    fn push(&mut self, row: &[f32]) {
+    pub(crate) fn push(&mut self, row: &[f32]) {
         if self.capacity == 0 {
             return;
         }
@@ -225,6 +225,21 @@ impl QueryRing {
 
     fn rows(&self) -> &[f32] {
         &self.rows[..self.filled * self.dim]
+    }
+
+    /// The rows in the order they came, oldest first (what a restored ring is refilled with).
+    pub(crate) fn oldest_first(&self) -> Vec<f32> {
+        if self.filled < self.capacity {
+            return self.rows().to_vec();
+        }
+        let split = self.next * self.dim;
+        [&self.rows[split..], &self.rows[..split]].concat()
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.rows.clear();
+        self.next = 0;
+        self.filled = 0;
     }
 
     fn bytes(&self) -> u64 {
@@ -767,4 +782,37 @@ pub(crate) fn dir_bytes(dir: &Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::QueryRing;
+
+    #[test]
+    fn a_query_ring_lists_its_rows_oldest_first_and_refills_the_same() {
+        let mut ring = QueryRing::new(2, 3);
+        assert!(ring.oldest_first().is_empty());
+        for i in 0..2 {
+            ring.push(&[i as f32, -(i as f32)]);
+        }
+        assert_eq!(ring.oldest_first(), vec![0.0, -0.0, 1.0, -1.0]);
+        for i in 2..5 {
+            ring.push(&[i as f32, -(i as f32)]);
+        }
+        // Capacity 3: rows 2, 3, 4 remain, 2 the oldest.
+        let rows = ring.oldest_first();
+        assert_eq!(rows, vec![2.0, -2.0, 3.0, -3.0, 4.0, -4.0]);
+        let mut copy = QueryRing::new(2, 3);
+        for r in rows.chunks_exact(2) {
+            copy.push(r);
+        }
+        copy.push(&[5.0, -5.0]);
+        ring.push(&[5.0, -5.0]);
+        assert_eq!(copy.oldest_first(), ring.oldest_first());
+        ring.clear();
+        assert!(ring.oldest_first().is_empty() && ring.rows().is_empty());
+        let mut none = QueryRing::new(2, 0);
+        none.push(&[1.0, 1.0]);
+        assert!(none.oldest_first().is_empty());
+    }
 }

@@ -59,6 +59,23 @@ pub fn read_footer(
     magic: [u8; 8],
     supported_version: u32,
 ) -> StorageResult<FooterInfo> {
+    read_footer_of_versions(
+        path,
+        file_bytes_tail,
+        file_len,
+        magic,
+        supported_version..=supported_version,
+    )
+}
+
+/// [`read_footer`] for a format that still reads the older versions in `supported`.
+pub fn read_footer_of_versions(
+    path: &Path,
+    file_bytes_tail: &[u8],
+    file_len: u64,
+    magic: [u8; 8],
+    supported: std::ops::RangeInclusive<u32>,
+) -> StorageResult<FooterInfo> {
     if file_len < FOOTER_LEN as u64 || file_bytes_tail.len() < FOOTER_LEN {
         let n = file_len.min(file_bytes_tail.len() as u64);
         return Err(StorageError::corrupt(
@@ -82,11 +99,11 @@ pub fn read_footer(
     let payload_len = u64::from_le_bytes(tail[0..8].try_into().expect("8 bytes"));
     let crc = u32::from_le_bytes(tail[8..12].try_into().expect("4 bytes"));
     let version = u32::from_le_bytes(tail[12..16].try_into().expect("4 bytes"));
-    if version != supported_version {
+    if !supported.contains(&version) {
         return Err(StorageError::Version {
             path: path.to_path_buf(),
             found: version,
-            supported: supported_version,
+            supported: *supported.end(),
         });
     }
     if payload_len.checked_add(FOOTER_LEN as u64) != Some(file_len) {
@@ -112,15 +129,21 @@ pub fn check_whole<'a>(
     magic: [u8; 8],
     supported_version: u32,
 ) -> StorageResult<&'a [u8]> {
+    check_whole_of_versions(path, bytes, magic, supported_version..=supported_version)
+        .map(|(payload, _)| payload)
+}
+
+/// [`check_whole`] for a format that still reads the older versions in `supported`; returns
+/// the payload and the file's version.
+pub fn check_whole_of_versions<'a>(
+    path: &Path,
+    bytes: &'a [u8],
+    magic: [u8; 8],
+    supported: std::ops::RangeInclusive<u32>,
+) -> StorageResult<(&'a [u8], u32)> {
     let file_len = bytes.len() as u64;
     let tail_start = bytes.len().saturating_sub(FOOTER_LEN);
-    let info = read_footer(
-        path,
-        &bytes[tail_start..],
-        file_len,
-        magic,
-        supported_version,
-    )?;
+    let info = read_footer_of_versions(path, &bytes[tail_start..], file_len, magic, supported)?;
     let payload = &bytes[..info.payload_len as usize];
     let computed = crc32(payload);
     if computed != info.crc32 {
@@ -132,7 +155,7 @@ pub fn check_whole<'a>(
             ),
         ));
     }
-    Ok(payload)
+    Ok((payload, info.version))
 }
 
 /// A short name for the kind of file a magic belongs to: the printable prefix, e.g. "STRSEG".
@@ -173,6 +196,29 @@ mod tests {
         assert_eq!(info.payload_len, payload.len() as u64);
         assert_eq!(info.crc32, crc32(&payload));
         assert_eq!(info.version, 3);
+    }
+
+    #[test]
+    fn a_range_of_versions_reads_each_and_says_which() {
+        let payload = b"older".to_vec();
+        let p = Path::new("x");
+        for version in 0..5u32 {
+            let mut file = payload.clone();
+            file.extend_from_slice(&encode_footer(MAGIC, version, &payload));
+            match check_whole_of_versions(p, &file, MAGIC, 1..=3) {
+                Ok((got, v)) => {
+                    assert!((1..=3).contains(&version));
+                    assert_eq!((got, v), (&payload[..], version));
+                }
+                Err(StorageError::Version {
+                    found, supported, ..
+                }) => {
+                    assert!(version == 0 || version == 4);
+                    assert_eq!((found, supported), (version, 3));
+                }
+                Err(e) => panic!("version {version}: {e}"),
+            }
+        }
     }
 
     #[test]
