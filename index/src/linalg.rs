@@ -21,6 +21,41 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// The largest value (NaN never wins; -inf for none), eight lanes at a time: a plain
+/// `fold(f32::max)` is one long dependency chain.
+#[inline]
+pub fn max_of(values: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = values.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    rest.iter()
+        .chain(&acc)
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m })
+}
+
+/// The sum, in eight lanes.
+#[inline]
+pub fn sum_of(values: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = values.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] += c[i];
+        }
+    }
+    (acc[0] + acc[4])
+        + (acc[1] + acc[5])
+        + (acc[2] + acc[6])
+        + (acc[3] + acc[7])
+        + rest.iter().sum::<f32>()
+}
+
 /// Squared Euclidean norm.
 #[inline]
 pub fn norm_sq(a: &[f32]) -> f32 {
@@ -114,6 +149,21 @@ mod tests {
             let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
             assert!((dot(&a, &b) - naive).abs() < 1e-4, "n={n}");
         }
+    }
+
+    #[test]
+    fn max_and_sum_match_the_plain_folds() {
+        for n in [0usize, 1, 7, 8, 9, 33, 100] {
+            let v: Vec<f32> = (0..n)
+                .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.5)
+                .collect();
+            let plain_max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max_of(&v), plain_max, "n={n}");
+            let plain_sum: f32 = v.iter().sum();
+            assert!((sum_of(&v) - plain_sum).abs() <= 1e-4 * (1.0 + plain_sum.abs()));
+        }
+        assert_eq!(max_of(&[f32::NAN, -1.0, f32::NEG_INFINITY]), -1.0);
+        assert_eq!(max_of(&[f32::NEG_INFINITY; 9]), f32::NEG_INFINITY);
     }
 
     #[test]

@@ -1297,9 +1297,10 @@ impl RemainderEstimator {
         };
         if p.remainder_code_logits {
             // Candidates come list by list: one term per list, its tokens' logits summed in
-            // log space, rather than one term per token; every exponential is taken in one
-            // vectorised sweep. Exactly scored candidates get -inf (weight 0 after exp), so no
-            // pass has a per-candidate branch.
+            // log space, rather than one term per token. Every exponential is taken in one
+            // vectorised sweep against the largest open logit (a list more than ~87 below it
+            // underflows to weight 0, which it all but has anyway). Exactly scored candidates
+            // get -inf (weight 0 after exp), so no pass has a per-candidate branch.
             let mut xs: Vec<f32> = cand_scores
                 .iter()
                 .zip(in_exact)
@@ -1311,24 +1312,22 @@ impl RemainderEstimator {
                     }
                 })
                 .collect();
-            // Runs of one list: (list, start, end, max open logit, open candidates).
-            let mut runs: Vec<(u32, usize, usize, f32, usize)> = Vec::new();
-            let mut a = 0;
-            while a < cand_lists.len() {
-                let l = cand_lists[a];
-                let b = a + cand_lists[a..].iter().take_while(|&&x| x == l).count();
-                let max = xs[a..b].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let open = in_exact[a..b].iter().filter(|&&d| !d).count();
-                if open > 0 && max.is_finite() {
-                    xs[a..b].iter_mut().for_each(|x| *x -= max);
-                    runs.push((l, a, b, max, open));
+            let max = crate::linalg::max_of(&xs);
+            if max.is_finite() {
+                xs.iter_mut().for_each(|x| *x -= max);
+                crate::simd::exp_in_place(&mut xs);
+                // Each run of one list: the sum of its weights and its open candidates.
+                let mut a = 0;
+                while a < cand_lists.len() {
+                    let l = cand_lists[a];
+                    let b = a + cand_lists[a..].iter().take_while(|&&x| x == l).count();
+                    let open = in_exact[a..b].iter().filter(|&&done| !done).count();
+                    if open > 0 {
+                        let sum = crate::linalg::sum_of(&xs[a..b]);
+                        self.add_logit(l, max + (sum / open as f32).ln(), open as f32);
+                    }
+                    a = b;
                 }
-                a = b;
-            }
-            crate::simd::exp_in_place(&mut xs);
-            for &(l, a, b, max, open) in &runs {
-                let sum: f32 = xs[a..b].iter().sum();
-                self.add_logit(l, max + (sum / open as f32).ln(), open as f32);
             }
         } else {
             let mut counts: Vec<(u32, u32)> = Vec::new();

@@ -59,9 +59,13 @@ pub struct BenchArgs {
     /// The shared SmolLM2 dump the KV is resampled from.
     #[arg(long, default_value = "../shared/data/smollm2-jargon-8k.safetensors")]
     source: PathBuf,
-    /// Folder for the session folders (emptied first).
+    /// Folder for the session folders (emptied first, unless `--reuse-index`).
     #[arg(long, default_value = "out/bench-decode")]
     root: PathBuf,
+    /// Keep the session folders of an earlier run with the same `--root`, so that each context's
+    /// index is reused (found by content hash) instead of rebuilt: for repeated timing runs.
+    #[arg(long)]
+    reuse_index: bool,
     /// Write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -74,6 +78,31 @@ pub struct BenchArgs {
     /// Skip the exact-attention baseline.
     #[arg(long)]
     no_exact: bool,
+}
+
+/// Removes what earlier runs appended to the sessions under `root` (their tails and delta
+/// indexes), keeping each base index: the next session over the same context starts from the
+/// prefill, as with a fresh build.
+fn forget_appended_tokens(root: &std::path::Path) -> Result<()> {
+    for session in std::fs::read_dir(root)? {
+        let session = session?.path();
+        if !session.is_dir() {
+            continue;
+        }
+        for entry in std::fs::read_dir(&session)? {
+            let path = entry?.path();
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            if name.starts_with("delta-") {
+                std::fs::remove_dir_all(&path)
+            } else if name.starts_with("tail.strata") {
+                std::fs::remove_file(&path)
+            } else {
+                continue;
+            }
+            .with_context(|| format!("cannot remove {}", path.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Synthetic layer: per KV head, `tokens × DIM` keys and values.
@@ -275,7 +304,9 @@ struct PhasesUs {
 struct ContextResult {
     tokens: usize,
     layers: usize,
+    /// Seconds to build the index, or to open it when `index_reused`.
     build_seconds: f64,
+    index_reused: bool,
     index_disk_bytes: u64,
     session_resident_bytes: u64,
     cold: Phase,
@@ -482,9 +513,12 @@ fn run_context(
     engine_params: &EngineParams,
 ) -> Result<ContextResult> {
     let root = args.root.join(format!("t{tokens}"));
-    if root.exists() {
+    if root.exists() && !args.reuse_index {
         std::fs::remove_dir_all(&root)
             .with_context(|| format!("cannot empty {}", root.display()))?;
+    }
+    if root.exists() && args.reuse_index {
+        forget_appended_tokens(&root)?;
     }
     let t0 = Instant::now();
     let layers: Vec<Layer> = (0..args.layers)
@@ -530,7 +564,8 @@ fn run_context(
     let build_seconds = t0.elapsed().as_secs_f64();
     let info = engine.info(id)?;
     eprintln!(
-        "  {tokens} tokens: index built in {build_seconds:.1} s ({} MiB on disk)",
+        "  {tokens} tokens: index {} in {build_seconds:.1} s ({} MiB on disk)",
+        if info.reused_index { "reused" } else { "built" },
         info.disk_bytes >> 20
     );
 
@@ -745,6 +780,7 @@ fn run_context(
         tokens,
         layers: args.layers,
         build_seconds,
+        index_reused: info.reused_index,
         index_disk_bytes: info.disk_bytes,
         session_resident_bytes: resident,
         cold: cold_phase,
