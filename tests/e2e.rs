@@ -232,6 +232,79 @@ fn damaged_index_files_are_rejected_by_name() {
     assert!(e.contains("index.strata"), "{e}");
 }
 
+/// Manifests that pass their checksum and bytecheck but contradict themselves (as a bug or a
+/// hand edit could write them) are refused at open, naming what is wrong, not met later as a
+/// panic or a wrong answer.
+#[test]
+fn inconsistent_manifests_are_refused_at_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((_, dir)) = fixture(tmp.path()) else {
+        return;
+    };
+    let good = strata_index::manifest::MappedManifest::open(&dir)
+        .unwrap()
+        .to_owned()
+        .unwrap();
+    type Edit = fn(&mut strata_index::manifest::Manifest);
+    let cases: [(&str, Edit, &str); 7] = [
+        (
+            "a token twice",
+            |m| m.heads[0].primary_tokens[1] = m.heads[0].primary_tokens[0],
+            "exactly once",
+        ),
+        (
+            "a segment elsewhere",
+            |m| m.segments[0] = "../elsewhere.seg".into(),
+            "not a file name",
+        ),
+        (
+            "heads out of place",
+            |m| m.heads[0].kv_head = 1,
+            "names layer slot",
+        ),
+        (
+            "a NaN quantiser step",
+            |m| m.heads[0].code_step[0] = f32::NAN,
+            "not finite",
+        ),
+        (
+            "a second level on a flat head",
+            |m| m.heads[0].group_start = vec![0, 1],
+            "second level",
+        ),
+        (
+            "a list offset that overflows",
+            |m| m.heads[0].lists[0].offset = u64::MAX - 10,
+            "outside its segment",
+        ),
+        ("no dimensions", |m| m.heads[0].dim = 0, "dim 0"),
+    ];
+    let path = dir.join("index.strata");
+    for (what, edit, expect) in cases {
+        let mut m = good.clone();
+        edit(&mut m);
+        std::fs::write(&path, strata_index::manifest::encode(&m).unwrap()).unwrap();
+        let e = open(&dir)
+            .err()
+            .unwrap_or_else(|| panic!("{what}: opened"))
+            .to_string();
+        assert!(
+            e.contains(expect) && e.contains("index.strata"),
+            "{what}: {e}"
+        );
+    }
+    std::fs::write(&path, strata_index::manifest::encode(&good).unwrap()).unwrap();
+    let index = open(&dir).unwrap();
+    // Public entry points with out-of-range arguments: errors, not panics.
+    let head = index.head(0, 0).unwrap();
+    let e = index
+        .fetch_lists(head, &[u32::MAX], &mut Default::default())
+        .map(|_| ())
+        .expect_err("list past the end")
+        .to_string();
+    assert!(e.contains("past the head"), "{e}");
+}
+
 #[test]
 fn failed_build_leaves_nothing_behind_and_existing_index_is_kept() {
     let tmp = tempfile::tempdir().unwrap();

@@ -22,7 +22,7 @@ impl ScalarQuantizer {
     pub fn fit(keys: &[f32], dim: usize, bits: u32) -> Self {
         let mut lo = vec![f32::INFINITY; dim];
         let mut hi = vec![f32::NEG_INFINITY; dim];
-        for row in keys.chunks_exact(dim) {
+        for row in keys.chunks_exact(dim.max(1)) {
             for d in 0..dim {
                 lo[d] = lo[d].min(row[d]);
                 hi[d] = hi[d].max(row[d]);
@@ -116,13 +116,15 @@ impl ScalarQuantizer {
         let levels = ((1u32 << self.bits) - 1) as f32;
         let w: Vec<f32> = q.iter().zip(&self.step).map(|(a, s)| a * s).collect();
         let wmax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
-        // |Σ code·w| <= dim · levels · 2^15 must fit an i32: it does for dim <= 4096 at 8 bits.
+        // The integer sum |Σ code·w/unit| is at most levels · Σ|w|/unit, which must fit an i32:
+        // the largest weight maps to i16::MAX unless that bound says otherwise (8-bit codes
+        // beyond 257 dimensions; 4-bit beyond 4,369), then the unit grows to fit.
+        let wsum: f32 = w.iter().map(|v| v.abs()).sum();
         let unit = if wmax > 0.0 {
-            wmax / i16::MAX as f32
+            (wmax / i16::MAX as f32).max(levels * wsum / (i32::MAX as f32 * 0.99))
         } else {
             1.0
         };
-        let _ = levels;
         // weights[s][j]: weight of the code in slot s of byte j.
         let mut weights = vec![0i16; cpb * nbytes];
         for (d, &wd) in w.iter().enumerate() {
@@ -224,6 +226,33 @@ impl CodeQuery {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn wide_8_bit_codes_do_not_overflow_the_integer_sum() {
+        // 512 dimensions of 8-bit codes with equal weights: Σ code·w at full scale would be
+        // 512 · 255 · 32767, past i32::MAX.
+        let dim = 512;
+        let keys: Vec<f32> = (0..dim * 2)
+            .map(|i| if i < dim { 0.0 } else { 1.0 })
+            .collect();
+        let sq = ScalarQuantizer::fit(&keys, dim, 8);
+        let q = vec![1.0f32; dim];
+        let cq = sq.query(&q);
+        let mut code = Vec::new();
+        sq.encode(&keys[dim..], &mut code);
+        assert!(code.iter().all(|&c| c == 255));
+        let s = cq.score(&code);
+        assert!(
+            (s - dim as f32).abs() < 1e-3 * dim as f32,
+            "score {s}, expected {dim}"
+        );
+    }
+
+    #[test]
+    fn a_quantiser_of_no_dimensions_is_empty() {
+        let sq = ScalarQuantizer::fit(&[1.0, 2.0], 0, 8);
+        assert!(sq.lo.is_empty() && sq.step.is_empty());
+    }
 
     proptest! {
         #[test]

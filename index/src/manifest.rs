@@ -126,6 +126,12 @@ pub fn encode_centroids(
     group_centroids: &[f32],
     dim: usize,
 ) -> (crate::codes::ScalarQuantizer, Vec<u8>, Vec<u8>) {
+    if dim == 0 {
+        // A dimensionless head (only a damaged version-1 manifest has one): nothing to encode;
+        // the head check refuses it with a named error.
+        let sq = crate::codes::ScalarQuantizer::fit(&[], 0, CENTROID_CODE_BITS);
+        return (sq, Vec::new(), Vec::new());
+    }
     let all: Vec<f32> = centroids.iter().chain(group_centroids).copied().collect();
     let sq = crate::codes::ScalarQuantizer::fit(&all, dim, CENTROID_CODE_BITS);
     let encode = |rows: &[f32]| {
@@ -239,6 +245,14 @@ impl MappedManifest {
         // is read-only, the upgraded buffer is never written again, and both live as long as
         // `self`.
         unsafe { rkyv::access_unchecked::<ArchivedManifest>(self.bytes()) }
+    }
+
+    /// An owned copy (for tools and tests that rewrite a manifest).
+    pub fn to_owned(&self) -> Result<Manifest, IndexError> {
+        rkyv::deserialize::<Manifest, rancor::Error>(self.get()).map_err(|e| IndexError::Open {
+            path: self.path.clone(),
+            problem: format!("cannot copy the manifest: {e}"),
+        })
     }
 
     /// Bytes the manifest holds in RAM (mapped or upgraded).

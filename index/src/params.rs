@@ -308,11 +308,11 @@ pub fn apply_overrides<T: Serialize + serde::de::DeserializeOwned>(
         name: "overrides",
         problem: e.to_string(),
     })?;
-    let map = value.as_object_mut().ok_or(IndexError::Param {
-        name: "overrides",
-        problem: "parameters are not a struct".into(),
-    })?;
     for item in overrides {
+        let map = value.as_object_mut().ok_or(IndexError::Param {
+            name: "overrides",
+            problem: "parameters are not a struct".into(),
+        })?;
         let (name, raw) = item.split_once('=').ok_or_else(|| IndexError::Param {
             name: "overrides",
             problem: format!("`{item}` is not name=value"),
@@ -324,9 +324,40 @@ pub fn apply_overrides<T: Serialize + serde::de::DeserializeOwned>(
         let parsed: serde_json::Value =
             serde_json::from_str(raw).unwrap_or(serde_json::Value::String(raw.to_string()));
         *slot = parsed;
+        // Checked one at a time, so that a bad value is reported with its name.
+        serde_json::from_value::<T>(value.clone()).map_err(|e| IndexError::Param {
+            name: "overrides",
+            problem: format!("`{item}`: {e}"),
+        })?;
     }
     serde_json::from_value(value).map_err(|e| IndexError::Param {
         name: "overrides",
         problem: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_apply_and_name_what_they_refuse() {
+        let p = apply_overrides(
+            &SearchParams::default(),
+            &["probe_fraction=0.1".into(), "target_mass=0.9".into()],
+        )
+        .unwrap();
+        assert_eq!((p.probe_fraction, p.target_mass), (0.1, Some(0.9)));
+        for (item, expect) in [
+            ("nope=1", "unknown parameter `nope`"),
+            ("probe_fraction", "not name=value"),
+            ("sink_tokens=abc", "`sink_tokens=abc`"),
+            ("estimate_remainder=yes", "`estimate_remainder=yes`"),
+        ] {
+            let e = apply_overrides(&SearchParams::default(), &[item.to_string()])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(expect), "{item}: {e}");
+        }
+    }
 }

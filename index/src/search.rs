@@ -213,6 +213,18 @@ impl Index {
         let m = manifest.get();
         let mut segments = Vec::with_capacity(m.segments.len());
         for name in m.segments.iter() {
+            // A segment is a file of this folder: a name with a separator or `..` would read
+            // (or block on) something elsewhere.
+            let mut parts = Path::new(name.as_str()).components();
+            if !matches!(
+                (parts.next(), parts.next()),
+                (Some(std::path::Component::Normal(_)), None)
+            ) {
+                return Err(IndexError::Open {
+                    path: manifest.path().to_path_buf(),
+                    problem: format!("segment name {:?} is not a file name", name.as_str()),
+                });
+            }
             segments.push(SegmentFile::open(&dir.join(name.as_str()), reader)?);
         }
         let expect = m.source.layers.len() * m.source.kv_heads.to_native() as usize;
@@ -235,10 +247,26 @@ impl Index {
                         path: manifest.path().to_path_buf(),
                         problem: format!("head {i} names segment {seg}, which does not exist"),
                     })?;
-            check_head(h, file_len).map_err(|problem| IndexError::Open {
-                path: manifest.path().to_path_buf(),
-                problem: format!("head {i}: {problem}"),
-            })?;
+            let kv = m.source.kv_heads.to_native() as usize;
+            check_head(h, file_len)
+                .and_then(|()| {
+                    let (slot, kvh) = (
+                        h.layer_slot.to_native() as usize,
+                        h.kv_head.to_native() as usize,
+                    );
+                    if (slot, kvh) != (i / kv.max(1), i % kv.max(1)) {
+                        return Err(format!(
+                            "names layer slot {slot}, KV head {kvh}; its place says {}, {}",
+                            i / kv.max(1),
+                            i % kv.max(1)
+                        ));
+                    }
+                    Ok(())
+                })
+                .map_err(|problem| IndexError::Open {
+                    path: manifest.path().to_path_buf(),
+                    problem: format!("head {i}: {problem}"),
+                })?;
         }
         let list_bounds: Vec<Option<Vec<(u32, u32)>>> = manifest
             .get()
@@ -419,6 +447,12 @@ impl Index {
         static_lses: Option<&[f32]>,
         gather: Gather,
     ) -> IndexResult<Vec<Retrieved>> {
+        if let Some(s) = static_lses.filter(|s| s.len() != queries.len()) {
+            return Err(IndexError::Param {
+                name: "static_lses",
+                problem: format!("{} for {} queries", s.len(), queries.len()),
+            });
+        }
         let mut outs: Vec<Option<Retrieved>> = Vec::with_capacity(queries.len());
         let mut plans = Vec::new();
         for (i, q) in queries.iter().enumerate() {
@@ -836,6 +870,20 @@ impl Index {
             }
             ex_scores.push(dot_f16_bytes(key_row(row), q));
         }
+        // A finite query can still be large enough for `q·k` to overflow: an infinite logit
+        // would make the attention and the estimate meaningless.
+        if let Some(i) = ex_scores.iter().position(|s| !(scale * s).is_finite()) {
+            return Err(IndexError::Query {
+                layer_slot,
+                kv_head,
+                position,
+                problem: format!(
+                    "the logit of token {} is {}: the query is too large",
+                    ex_tokens[i],
+                    scale * ex_scores[i]
+                ),
+            });
+        }
         stats.keys_scored = ex_tokens.len() as u64;
         stats.key_bytes = stats.keys_scored * dim as u64 * 2;
         // The best `budget` exactly scored tokens; best first only where the adaptive budget
@@ -966,8 +1014,21 @@ impl Index {
         ids: &[u32],
         stats: &mut SearchStats,
     ) -> IndexResult<Vec<Arc<AlignedBuf>>> {
-        let seg = &self.segments[head.segment.to_native() as usize];
-        let seg_id = self.cache_ids[head.segment.to_native() as usize];
+        let seg_index = head.segment.to_native() as usize;
+        let (Some(seg), Some(&seg_id)) =
+            (self.segments.get(seg_index), self.cache_ids.get(seg_index))
+        else {
+            return Err(IndexError::Param {
+                name: "head",
+                problem: format!("names segment {seg_index}, which this index does not have"),
+            });
+        };
+        if let Some(&l) = ids.iter().find(|&&l| l as usize >= head.lists.len()) {
+            return Err(IndexError::Param {
+                name: "ids",
+                problem: format!("list {l} is past the head's {} lists", head.lists.len()),
+            });
+        }
         let keys: Vec<CacheKey> = ids
             .iter()
             .map(|&l| CacheKey {
@@ -1624,32 +1685,63 @@ fn check_head(h: &ArchivedHeadManifest, segment_len: u64) -> Result<(), String> 
     {
         return Err("a list's code blocks do not match its members".into());
     }
-    if u32s(&h.primary_tokens)
-        .iter()
-        .any(|&t| t as usize >= tokens)
-    {
-        return Err("a list names a token past the end".into());
+    // Every token is the primary member of exactly one list: a token named twice would be
+    // attended twice, a missing one never.
+    if !is_permutation(u32s(&h.primary_tokens), tokens) {
+        return Err("primary members are not each token exactly once".into());
     }
     for (j, l) in h.lists.iter().enumerate() {
-        let end = l.offset.to_native() + l.padded_len.to_native() as u64;
-        if end > segment_len || l.len.to_native() > l.padded_len.to_native() {
+        let end = l
+            .offset
+            .to_native()
+            .checked_add(l.padded_len.to_native() as u64);
+        if end.is_none_or(|e| e > segment_len) || l.len.to_native() > l.padded_len.to_native() {
             return Err(format!("list {j} lies outside its segment"));
         }
     }
-    if !h.group_centroid_codes.is_empty() {
+    let finite = |xs: &[f32]| xs.iter().all(|x| x.is_finite());
+    let positive = |xs: &[f32]| xs.iter().all(|&x| x.is_finite() && x > 0.0);
+    let f16_finite = |xs: &[u16]| xs.iter().all(|&x| half::f16::from_bits(x).is_finite());
+    if !(finite(f32s(&h.centroid_lo))
+        && positive(f32s(&h.centroid_step))
+        && finite(f32s(&h.code_lo))
+        && positive(f32s(&h.code_step))
+        && finite(f32s(&h.radius))
+        && finite(f32s(&h.max_key_norm))
+        && f16_finite(u16s(&h.value_means))
+        && f16_finite(u16s(&h.group_value_means)))
+    {
+        return Err("a quantiser, radius, norm or mean value is not finite".into());
+    }
+    let has_groups = !(h.group_centroid_codes.is_empty()
+        && h.group_value_means.is_empty()
+        && h.group_start.is_empty()
+        && h.group_lists.is_empty());
+    if has_groups {
         let g = h.group_start.len().saturating_sub(1);
-        let gl = u32s(&h.group_lists);
-        if h.group_centroid_codes.len() != g * dim
+        let gs = u32s(&h.group_start);
+        if g == 0
+            || h.group_centroid_codes.len() != g * dim
             || !(h.group_value_means.is_empty() || h.group_value_means.len() == g * dim)
-            || gl.len() != lists
-            || gl.iter().any(|&l| l as usize >= lists)
-            || u32s(&h.group_start).iter().any(|&s| s as usize > lists)
-            || u32s(&h.group_start).windows(2).any(|w| w[0] > w[1])
+            || !is_permutation(u32s(&h.group_lists), lists)
+            || gs.first() != Some(&0)
+            || gs.last().map(|&s| s as usize) != Some(lists)
+            || gs.windows(2).any(|w| w[0] > w[1])
         {
             return Err("second level is inconsistent".into());
         }
     }
     Ok(())
+}
+
+/// Whether `xs` holds each of `0..n` exactly once.
+fn is_permutation(xs: &[u32], n: usize) -> bool {
+    if xs.len() != n {
+        return false;
+    }
+    let mut seen = vec![false; n];
+    xs.iter()
+        .all(|&x| (x as usize) < n && !std::mem::replace(&mut seen[x as usize], true))
 }
 
 #[cfg(test)]

@@ -137,6 +137,9 @@ fn channel_std(rows: &[f32], dim: usize) -> Vec<f32> {
 impl Source {
     fn open(path: &Path) -> Result<Source> {
         let dump = KvDump::open(path)?;
+        if dump.query_positions.is_empty() {
+            bail!("{}: no queries to drive the steps with", path.display());
+        }
         if dump.meta.head_dim * 2 != DIM {
             bail!(
                 "{}: head dim {} cannot make {DIM}-dim heads",
@@ -497,7 +500,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "search_params": search, "build_params": build, "engine_params": engine_params,
             "layers": args.layers, "results": results,
         });
-        std::fs::write(path, serde_json::to_vec_pretty(&v)?)
+        strata_storage::durable::atomic_write(path, &serde_json::to_vec_pretty(&v)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
         println!("wrote {}", path.display());
     }

@@ -35,9 +35,10 @@ pub struct EvalArgs {
     /// Index folder built from the same dump (needed by `strata`).
     #[arg(long)]
     index: Option<PathBuf>,
-    /// Attended tokens beyond the static ones, as a fraction of visible keys, in (0, 1].
-    #[arg(long, default_value_t = SearchParams::default().budget)]
-    budget: f32,
+    /// Attended tokens beyond the static ones, as a fraction of visible keys, in (0, 1]
+    /// (default: `SearchParams`' budget, or `--set budget=…`).
+    #[arg(long)]
+    budget: Option<f32>,
     /// Adaptive budget (strata only): attend tokens in descending exact score until the
     /// estimated covered mass, static tokens included, reaches this target in (0, 1]; never more
     /// than `--budget`.
@@ -285,12 +286,22 @@ pub fn run(args: EvalArgs) -> Result<()> {
     // `--set` names go to whichever parameter struct owns them; unknown names are an error.
     let (mut params, rest) = apply_owned_overrides(&SearchParams::default(), &args.overrides)?;
     let (engine, rest) = apply_owned_overrides(&EngineParams::default(), &rest)?;
-    params.budget = args.budget;
+    if let Some(b) = args.budget {
+        if args
+            .overrides
+            .iter()
+            .any(|o| o.trim_start().starts_with("budget="))
+        {
+            bail!("--budget and --set budget=… both given; use one");
+        }
+        params.budget = b;
+    }
     if args.target_mass.is_some() {
         params.target_mass = args.target_mass;
     }
     params.validate()?;
     let baseline = apply_overrides(&BaselineParams::default(), &rest)?;
+    baseline.validate()?;
     if args.query_stride == 0 {
         bail!("--query-stride must be at least 1");
     }
@@ -299,6 +310,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
         .parse()
         .map_err(|e| anyhow::anyhow!("--reader: {e}"))?;
     let dump = KvDump::open(&args.dump)?;
+    if dump.query_positions.is_empty() {
+        bail!("{} holds no evaluation queries", args.dump.display());
+    }
 
     let index = if methods.iter().any(|m| m == "strata") {
         let dir = args
@@ -337,9 +351,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
         } else {
             serde_json::json!({ "runs": reports })
         };
-        let file = std::fs::File::create(path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        serde_json::to_writer(std::io::BufWriter::new(file), &value)
+        // Atomic: a full disk leaves no truncated file behind at the path.
+        strata_storage::durable::atomic_write(path, &serde_json::to_vec(&value)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
         println!("wrote {}", path.display());
     }

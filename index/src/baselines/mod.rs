@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::linalg::{dot, top_k_indices};
 use crate::params::SearchParams;
 use crate::search::{Retrieved, SearchStats};
-use crate::IndexResult;
+use crate::{IndexError, IndexResult};
 
 /// Tunables of the baselines, in one place.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -44,6 +44,42 @@ impl Default for BaselineParams {
             hnsw_ef_search: 400,
             seed: 0x5eed_57a7a,
         }
+    }
+}
+
+impl BaselineParams {
+    /// Refuses values the baselines cannot work with (hnsw_rs exits the process on a degree
+    /// above 256; a scan factor of 0 would silently probe nothing).
+    pub fn validate(&self) -> IndexResult<()> {
+        let bad = |name: &'static str, problem: String| Err(IndexError::Param { name, problem });
+        if self.ivf_list_size < 1 {
+            return bad(
+                "ivf_list_size",
+                format!("{} must be >= 1", self.ivf_list_size),
+            );
+        }
+        if !(self.ivf_scan_factor.is_finite() && self.ivf_scan_factor > 0.0) {
+            return bad(
+                "ivf_scan_factor",
+                format!("{} must be finite and > 0", self.ivf_scan_factor),
+            );
+        }
+        if !(2..=256).contains(&self.hnsw_max_connections) {
+            return bad(
+                "hnsw_max_connections",
+                format!("{} must be in 2..=256", self.hnsw_max_connections),
+            );
+        }
+        if self.hnsw_ef_construction < 1 || self.hnsw_ef_search < 1 {
+            return bad(
+                "hnsw_ef_construction / hnsw_ef_search",
+                format!(
+                    "{} / {} must be >= 1",
+                    self.hnsw_ef_construction, self.hnsw_ef_search
+                ),
+            );
+        }
+        Ok(())
     }
 }
 
@@ -87,9 +123,26 @@ pub trait HeadRetriever: Send + Sync {
         params: &SearchParams,
     ) -> IndexResult<Retrieved> {
         let t0 = Instant::now();
+        params.validate()?;
+        let (keys, dim) = self.keys();
+        let bad = |problem: String| IndexError::Baseline {
+            name: "query",
+            problem,
+        };
+        if q.len() != dim {
+            return Err(bad(format!("query has {} dims, the keys {dim}", q.len())));
+        }
+        if let Some(i) = q.iter().position(|v| !v.is_finite()) {
+            return Err(bad(format!("query component {i} is {}", q[i])));
+        }
+        let tokens_held = keys.len() / dim.max(1);
+        if position >= tokens_held {
+            return Err(bad(format!(
+                "position {position} is past the {tokens_held} keys held"
+            )));
+        }
         let budget = params.budget_tokens(position);
         let (tokens, stats) = self.propose(q, position, budget, params)?;
-        let (keys, dim) = self.keys();
         let mut seen = vec![false; position + 1];
         let mut toks = Vec::new();
         let mut scores = Vec::new();
