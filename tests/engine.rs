@@ -245,6 +245,13 @@ fn bad_input_is_refused_and_the_session_stays_usable() {
     let mut inf = v.clone();
     inf[3] = f32::INFINITY;
     assert!(msg(e.step(id, 0, &q, &k, &inf)).contains("new values"));
+    // Finite, but beyond what f16 storage holds or what f32 logits can take.
+    let mut wide = k.clone();
+    wide[5] = 1e6;
+    assert!(msg(e.step(id, 0, &q, &wide, &v)).contains("beyond f16"));
+    let mut huge = q.clone();
+    huge[0] = 1e36;
+    assert!(msg(e.step(id, 0, &huge, &k, &v)).contains("too large"));
     // Nothing was appended by the refused steps.
     assert_eq!(e.info(id).unwrap().lengths[0], PREFILL);
     e.step(id, 0, &q, &k, &v).unwrap();
@@ -653,5 +660,130 @@ fn recent_queries_survive_a_restart() {
         for h in index.manifest().heads.iter() {
             assert_eq!(h.metric_queries, (30 * group) as u32);
         }
+    }
+}
+
+/// A prefill shorter than the sinks: the positions up to `sink_tokens` stay sinks when they
+/// arrive as steps, folds start after them, and the session's tail reopens.
+#[test]
+fn a_prefill_shorter_than_the_sinks_folds_and_reopens_exactly() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let d = KvDump::open(&fixtures.join("tiny-smollm2.safetensors")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let search = SearchParams {
+        recent_tokens: 8,
+        ..full_search()
+    };
+    let (prefill, dim) = (2, d.meta.head_dim);
+    let heads: Vec<HeadArrays> = (0..d.meta.kv_heads)
+        .map(|h| HeadArrays {
+            keys: &d.keys.slice2(0, h)[..prefill * dim],
+            values: &d.values.slice2(0, h)[..prefill * dim],
+            queries: &[],
+        })
+        .collect();
+    let check = |e: &Engine, id: u64, positions: std::ops::Range<usize>| {
+        for p in positions {
+            let (q, k, v) = inputs(&d, 0, p);
+            let out = e.step(id, 0, &q, &k, &v).unwrap();
+            for (qh, head) in out.heads.iter().enumerate() {
+                let (want, lse) = exact(&d, 0, qh, &q[qh * dim..(qh + 1) * dim], p);
+                assert!(
+                    rel_err(&head.output, &want) < 1e-4,
+                    "position {p} head {qh}"
+                );
+                assert!((head.lse - lse).abs() < 1e-3, "position {p} head {qh}");
+            }
+        }
+    };
+    {
+        let e = engine(&root, folding_every(16), search.clone());
+        let id = e
+            .create_session(spec_of_prefix(&d, prefill), Some(&heads))
+            .unwrap();
+        check(&e, id, prefill..80);
+        e.finish_folds(id).unwrap();
+        assert!(!deltas_in(&e.info(id).unwrap().dir).is_empty(), "no fold");
+        e.close_session(id).unwrap();
+    }
+    let e = engine(&root, folding_every(16), search);
+    let id = e.create_session(spec_of_prefix(&d, prefill), None).unwrap();
+    assert_eq!(
+        e.info(id).unwrap().lengths,
+        vec![80],
+        "the tail was not restored"
+    );
+    check(&e, id, 80..d.token_ids.len());
+}
+
+/// An index is reused only for the same shape and scales: another softmax scale over the same
+/// tokens rebuilds, and the old tail is set aside rather than mixed in.
+#[test]
+fn another_softmax_scale_rebuilds_instead_of_reusing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(d) = dump(tmp.path()) else { return };
+    let root = tmp.path().join("root");
+    {
+        let e = engine(&root, folding_every(64), full_search());
+        let id = e.create_session(spec(&d), Some(&prefill(&d))).unwrap();
+        for p in PREFILL..PREFILL + 10 {
+            let (q, k, v) = inputs(&d, 0, p);
+            e.step(id, 0, &q, &k, &v).unwrap();
+        }
+        e.close_session(id).unwrap();
+    }
+    let e = engine(&root, folding_every(64), full_search());
+    let mut other = spec(&d);
+    other.softmax_scale[0] *= 0.5;
+    // Without prefill there is nothing to rebuild from: refused, not reused.
+    assert!(matches!(
+        e.create_session(other.clone(), None),
+        Err(EngineError::Spec(_))
+    ));
+    let id = e.create_session(other, Some(&prefill(&d))).unwrap();
+    let info = e.info(id).unwrap();
+    assert!(!info.reused_index);
+    assert_eq!(info.lengths, vec![PREFILL; 2]);
+    assert!(info.dir.join("tail.strata.unusable").exists());
+}
+
+/// A tail file whose checksum holds but whose header claims more rows than it carries (or
+/// lengths that overflow) is set aside with a warning; the session continues from its prefill.
+#[test]
+fn a_tail_that_claims_more_than_it_holds_is_set_aside() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let d = KvDump::open(&fixtures.join("tiny-smollm2.safetensors")).unwrap();
+    let search = SearchParams {
+        recent_tokens: 8,
+        ..full_search()
+    };
+    for claimed in [1usize << 57, usize::MAX / 2, 100_000] {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        copy_tree(&fixtures.join("session-tail-v1"), &root);
+        let session = std::fs::read_dir(&root)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let tail = session.join("tail.strata");
+        let bytes = std::fs::read(&tail).unwrap();
+        let payload = &bytes[..bytes.len() - 24];
+        let hlen = u64::from_le_bytes(payload[..8].try_into().unwrap()) as usize;
+        let mut header: serde_json::Value = serde_json::from_slice(&payload[8..8 + hlen]).unwrap();
+        header["layers"][0]["len"] = serde_json::json!(claimed);
+        let json = serde_json::to_vec(&header).unwrap();
+        let mut forged = (json.len() as u64).to_le_bytes().to_vec();
+        forged.extend_from_slice(&json);
+        forged.extend_from_slice(&payload[8 + hlen..]);
+        let foot = strata_storage::footer::encode_footer(*b"STRTAIL\x01", 1, &forged);
+        forged.extend_from_slice(&foot);
+        std::fs::write(&tail, &forged).unwrap();
+        let e = engine(&root, folding_every(16), search.clone());
+        let id = e.create_session(spec_of_prefix(&d, 96), None).unwrap();
+        assert_eq!(e.info(id).unwrap().lengths, vec![96], "claimed {claimed}");
+        assert!(session.join("tail.strata.unusable").exists());
     }
 }

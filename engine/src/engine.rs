@@ -84,6 +84,12 @@ impl Engine {
                 "fold_tokens must be at least 1 (0 would fold every step)".into(),
             ));
         }
+        if !(params.prefetch_margin.is_finite() && params.prefetch_margin >= 1.0) {
+            return Err(EngineError::Spec(format!(
+                "prefetch_margin {} must be finite and >= 1",
+                params.prefetch_margin
+            )));
+        }
         std::fs::create_dir_all(root).map_err(|e| folder_err(root, e.to_string()))?;
         let cache = Arc::new(RamCache::new(params.ram_cache_bytes));
         let prefetch = params.prefetch.then(|| {
@@ -209,7 +215,7 @@ impl Engine {
                 Ok(ix) if matches_spec(&ix, &spec, hash) => Some(ix),
                 Ok(_) => {
                     log::warn!(
-                        "{}: index of another context; rebuilding",
+                        "{}: index of another context or shape; rebuilding",
                         index_dir.display()
                     );
                     None
@@ -222,6 +228,18 @@ impl Engine {
         } else {
             None
         };
+        // A tail belongs to the index it extends: a rebuilt index starts from its prefill.
+        let tail_path = dir.join(TAIL_FILE);
+        if existing.is_none() && tail_path.exists() {
+            let aside = dir.join(format!("{TAIL_FILE}.unusable"));
+            log::warn!(
+                "{}: written over another index; moved to {}",
+                tail_path.display(),
+                aside.display()
+            );
+            std::fs::rename(&tail_path, &aside)
+                .map_err(|e| folder_err(&tail_path, e.to_string()))?;
+        }
         let reused = existing.is_some();
         self.admit(&spec, reused)?;
         let index = match existing {
@@ -283,7 +301,6 @@ impl Engine {
             cache: self.cache.clone(),
             reader: self.reader,
         });
-        let tail_path = dir.join(TAIL_FILE);
         if tail_path.exists() {
             if let Err(e) = load_tail(&session, &tail_path) {
                 // A tail that cannot be restored must not lock the context out for good: keep
@@ -322,18 +339,34 @@ impl Engine {
         );
         let lists = n.div_ceil(self.build.list_size as u64);
         let code = d.div_ceil(8 / self.build.code_bits as u64);
+        // Sizes are below 2^32 each (the spec checks), so these products fit u128.
+        let (l, kv, d, n, lists, code) = (
+            l as u128,
+            kv as u128,
+            d as u128,
+            n as u128,
+            lists as u128,
+            code as u128,
+        );
         // Mapped manifest: codes and ids per token, centroid codes and mean values per list
         // (counted at 8 bytes a dimension, an upper bound); the resident static rows (sinks and
         // the window's edge, f32 keys and values); the recent queries kept for folds.
         let resident = l * kv * (n * (code + 4 + 4) + lists * d * 8)
-            + l * kv * (self.search.sink_tokens + self.search.recent_tokens) as u64 * d * 8
-            + l * spec.q_heads as u64 * self.params.fold_query_steps as u64 * d * 4;
+            + l * kv
+                * (self.search.sink_tokens as u128 + self.search.recent_tokens as u128)
+                * d
+                * 8
+            + l * spec.q_heads as u128 * self.params.fold_query_steps as u128 * d * 4;
         // Segments: ids + f16 keys and values, 4 KiB padding and replicas (about a third more).
         let disk = if reused {
             0
         } else {
             l * kv * n * (4 + 4 * d) * 4 / 3
         };
+        let (resident, disk) = (
+            u64::try_from(resident).unwrap_or(u64::MAX),
+            u64::try_from(disk).unwrap_or(u64::MAX),
+        );
         let sessions = self.sessions.read().unwrap_or_else(|p| p.into_inner());
         let used_ram: u64 = sessions.values().map(|s| s.resident_bytes()).sum();
         let used_disk: u64 = dir_bytes(&self.root);
@@ -448,10 +481,22 @@ impl Engine {
 fn matches_spec(ix: &Index, spec: &SessionSpec, hash: u64) -> bool {
     let s = &ix.manifest().source;
     s.content_hash.to_native() == hash
+        && s.q_heads.to_native() as usize == spec.q_heads
         && s.kv_heads.to_native() as usize == spec.kv_heads
         && s.head_dim.to_native() as usize == spec.head_dim
         && s.tokens.to_native() as usize == spec.token_ids.len()
         && s.layers.len() == spec.layers.len()
+        && same_scales(s, &spec.softmax_scale)
+}
+
+/// Whether an index's per-layer softmax scales are exactly `scales` (the index scores its
+/// tokens with its own; the session scores static tokens with the spec's).
+fn same_scales(s: &strata_index::manifest::ArchivedSourceInfo, scales: &[f32]) -> bool {
+    s.softmax_scale.len() == scales.len()
+        && s.softmax_scale
+            .iter()
+            .zip(scales)
+            .all(|(a, b)| a.to_native().to_bits() == b.to_bits())
 }
 
 /// Reads ahead the lists the next step of `layer` will likely need: the same search with this
@@ -561,8 +606,9 @@ fn load_tail(s: &Session, path: &Path) -> EngineResult<()> {
     }
     let hlen =
         u64::from_le_bytes(payload[..8].try_into().map_err(|_| bad("header length"))?) as usize;
-    let json = payload
-        .get(8..8 + hlen)
+    let json = 8usize
+        .checked_add(hlen)
+        .and_then(|end| payload.get(8..end))
         .ok_or_else(|| bad("header past the end"))?;
     let header: TailHeader =
         serde_json::from_slice(json).map_err(|e| bad(&format!("header: {e}")))?;
@@ -574,15 +620,22 @@ fn load_tail(s: &Session, path: &Path) -> EngineResult<()> {
     {
         return Err(bad("written for another session shape"));
     }
-    let mut floats = payload[8 + hlen..]
+    let rows_bytes = &payload[8 + hlen..];
+    let mut floats = rows_bytes
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
     for (l, (layer, th)) in s.layers.iter().zip(&header.layers).enumerate() {
         let first = s.base_tokens.max(s.search.sink_tokens as usize);
-        if th.len < s.base_tokens || th.folded_upto < first || th.folded_upto > th.len {
+        // The folded prefix may run ahead of a tail shorter than the sinks (a prefill shorter
+        // than `sink_tokens`), never past both.
+        if th.len < s.base_tokens || th.folded_upto < first || th.folded_upto > th.len.max(first) {
             return Err(bad(&format!("layer {l}: inconsistent lengths")));
         }
-        let n = (th.len - s.base_tokens) * dim;
+        // Lengths from the header are checked against the bytes present before any use.
+        let n = (th.len - s.base_tokens)
+            .checked_mul(dim)
+            .filter(|&n| n.checked_mul(8 * kv).is_some_and(|b| b <= rows_bytes.len()))
+            .ok_or_else(|| bad(&format!("layer {l}: {} rows past the end", th.len)))?;
         let query_rows = match (version, th.query_rows.len()) {
             (1, _) => vec![0; kv],
             (_, len) if len == kv => th.query_rows.clone(),
@@ -598,10 +651,14 @@ fn load_tail(s: &Session, path: &Path) -> EngineResult<()> {
         };
         let mut queries = Vec::with_capacity(kv);
         for &q_rows in &query_rows {
+            let q_floats = q_rows
+                .checked_mul(dim)
+                .filter(|&f| f.checked_mul(4).is_some_and(|b| b <= rows_bytes.len()))
+                .ok_or_else(|| bad(&format!("layer {l}: {q_rows} query rows past the end")))?;
             let k: Vec<f32> = floats.by_ref().take(n).collect();
             let v: Vec<f32> = floats.by_ref().take(n).collect();
-            let q: Vec<f32> = floats.by_ref().take(q_rows * dim).collect();
-            if k.len() != n || v.len() != n || q.len() != q_rows * dim {
+            let q: Vec<f32> = floats.by_ref().take(q_floats).collect();
+            if k.len() != n || v.len() != n || q.len() != q_floats {
                 return Err(bad(&format!("layer {l}: rows cut short")));
             }
             tail.k.push(k);
@@ -630,9 +687,14 @@ fn load_tail(s: &Session, path: &Path) -> EngineResult<()> {
         for &(start, len) in &th.deltas {
             let dir = delta_dir(&s.dir, l, start, start + len);
             let index = Index::open(&dir, s.reader, s.cache.clone())?;
-            if index.manifest().source.tokens.to_native() as usize != len {
+            let src = &index.manifest().source;
+            if src.tokens.to_native() as usize != len
+                || src.kv_heads.to_native() as usize != kv
+                || src.head_dim.to_native() as usize != dim
+                || !same_scales(src, &s.spec.softmax_scale[l..=l])
+            {
                 return Err(bad(&format!(
-                    "layer {l}: delta {} holds another token count",
+                    "layer {l}: delta {} holds another token count, shape or scale",
                     dir.display()
                 )));
             }

@@ -42,6 +42,22 @@ impl SessionSpec {
         if self.layers.is_empty() || self.q_heads == 0 || self.kv_heads == 0 || self.head_dim == 0 {
             return Err("layers, heads and head dim must be non-zero".into());
         }
+        // Indexes store these as u32, and a step's inputs are heads × head dim floats.
+        let fits = |x: usize| u32::try_from(x).is_ok();
+        if !(fits(self.q_heads)
+            && fits(self.kv_heads)
+            && fits(self.head_dim)
+            && fits(self.token_ids.len())
+            && self.layers.iter().all(|&l| fits(l))
+            && self.q_heads.checked_mul(self.head_dim).is_some_and(fits))
+        {
+            return Err(format!(
+                "{} query heads x head dim {} (or {} tokens, or a layer id) exceed u32",
+                self.q_heads,
+                self.head_dim,
+                self.token_ids.len()
+            ));
+        }
         let mut layers = self.layers.clone();
         layers.sort_unstable();
         if layers.windows(2).any(|w| w[0] == w[1]) {
@@ -270,6 +286,9 @@ pub(crate) struct Session {
     pub reader: ReaderPreference,
 }
 
+/// The largest finite f16: keys and values are stored as f16 in posting lists.
+const F16_MAX: f32 = 65504.0;
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -307,7 +326,9 @@ impl Session {
                 edge_start,
                 edge: edge_rows,
                 tail: Rows::new(spec.kv_heads),
-                folded_upto: n.max(sinks),
+                // Positions below `sink_tokens` stay sinks even when the prefill is shorter:
+                // folding starts past them, or a delta would hold them a second time.
+                folded_upto: n.max(search.sink_tokens as usize),
                 deltas: Vec::new(),
                 fold_running: None,
                 fold_error: None,
@@ -427,18 +448,37 @@ impl Session {
                 )));
             }
         }
+        // Keys and values are stored as f16 once folded: a row beyond its range could never
+        // fold, so it is refused now rather than failing every fold later.
+        for (what, xs) in [("new keys", new_k), ("new values", new_v)] {
+            if let Some(i) = xs.iter().position(|v| v.abs() > F16_MAX) {
+                return Err(self.bad(format!(
+                    "{what}: element {i} (head {}, dim {}) is {}, beyond f16's ±{F16_MAX}",
+                    i / dim,
+                    i % dim,
+                    xs[i]
+                )));
+            }
+        }
+        // Every logit is `scale·q·k` with |k_d| <= F16_MAX: refuse a query for which that bound
+        // overflows, instead of answering from infinite logits.
+        let scale = spec.softmax_scale[layer];
+        if let Some(qh) = queries.chunks_exact(dim).position(|q| {
+            let l1: f32 = q.iter().map(|x| x.abs()).sum();
+            !(scale.abs() * l1 * F16_MAX).is_finite()
+        }) {
+            return Err(self.bad(format!(
+                "queries: head {qh} is too large (its logits could overflow f32)"
+            )));
+        }
 
         let mut st = lock(&self.layers[layer]);
         self.install_fold(layer, &mut st);
         // Append: the new token is position `len`, inside the recent window from now on.
         let p = st.len;
-        let group = spec.group_size();
         for h in 0..spec.kv_heads {
             st.tail.k[h].extend_from_slice(&new_k[h * dim..(h + 1) * dim]);
             st.tail.v[h].extend_from_slice(&new_v[h * dim..(h + 1) * dim]);
-            for qh in h * group..(h + 1) * group {
-                st.recent_queries[h].push(&queries[qh * dim..(qh + 1) * dim]);
-            }
         }
         st.len += 1;
 
@@ -470,7 +510,6 @@ impl Session {
             })
             .collect();
         let folding = st.fold_running.is_some();
-        let scale = spec.softmax_scale[layer];
         let group = spec.group_size();
         let st_ref = &*st;
         let per_kv: Vec<EngineResult<(Vec<HeadOutput>, StepTelemetry)>> = (0..spec.kv_heads)
@@ -606,6 +645,13 @@ impl Session {
             }
         }
         tel.tokens_attended = tel.static_tokens + tel.retrieved_tokens;
+        // Only a step that succeeded leaves its queries for the next fold's metric (a failed
+        // one is undone above).
+        for h in 0..spec.kv_heads {
+            for qh in h * group..(h + 1) * group {
+                st.recent_queries[h].push(&queries[qh * dim..(qh + 1) * dim]);
+            }
+        }
         self.maybe_start_fold(layer, &mut st);
         tel.total_ns = started.elapsed().as_nanos() as u64;
         Ok(StepOutput {
