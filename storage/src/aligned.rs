@@ -27,7 +27,10 @@ unsafe impl Sync for AlignedBuf {}
 impl AlignedBuf {
     /// A zeroed buffer of `len` bytes; the allocation is rounded up to whole pages.
     pub fn zeroed(len: usize) -> AlignedBuf {
-        let cap = len.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+        // Like Vec, a size no allocation can have is a capacity overflow, never a wrapped one.
+        let cap = len
+            .checked_next_multiple_of(PAGE_SIZE)
+            .expect("AlignedBuf capacity overflow");
         if cap == 0 {
             return AlignedBuf {
                 ptr: NonNull::dangling(),

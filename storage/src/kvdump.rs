@@ -44,6 +44,8 @@ pub enum KvDumpError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path}: cannot write: {problem}")]
+    Write { path: PathBuf, problem: String },
     /// The bytes are not a (complete) safetensors file: truncated, bad header, bad offsets.
     #[error("{path}: not a safetensors file: {problem}")]
     NotSafetensors { path: PathBuf, problem: String },
@@ -440,30 +442,18 @@ pub fn write_kvdump(
     let buffer = safetensors::serialize(views, Some(meta_strings(meta)))
         .map_err(|e| write_error(path, format!("serializing: {e}")))?;
 
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "kvdump".to_owned());
-    let tmp = path.with_file_name(format!(".{file_name}.{}.tmp", std::process::id()));
-    let io = |source| KvDumpError::Io {
+    // Durable and atomic (unique temp file, fsync, rename, folder fsync): a crash or a full
+    // disk leaves either the old file or the complete new one at `path`.
+    crate::durable::atomic_write(path, &buffer).map_err(|e| KvDumpError::Write {
         path: path.to_path_buf(),
-        source,
-    };
-    if let Err(e) = std::fs::write(&tmp, &buffer) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io(e));
-    }
-    if let Err(e) = std::fs::rename(&tmp, path) {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io(e));
-    }
-    Ok(())
+        problem: e.to_string(),
+    })
 }
 
 fn write_error(path: &Path, msg: String) -> KvDumpError {
-    KvDumpError::Io {
+    KvDumpError::Write {
         path: path.to_path_buf(),
-        source: std::io::Error::other(msg),
+        problem: msg,
     }
 }
 

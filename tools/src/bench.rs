@@ -410,6 +410,16 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.layers == 0 || args.layers > MODEL_LAYERS {
         bail!("--layers must be in 1..={MODEL_LAYERS}");
     }
+    // Bounds that keep every size product of the bench far inside usize and u32.
+    const MAX_TOKENS: usize = 1 << 26;
+    const MAX_STEPS: usize = 1 << 20;
+    if let Some(t) = sizes.iter().find(|&&t| t == 0 || t > MAX_TOKENS) {
+        bail!("--tokens: {t} is outside 1..={MAX_TOKENS}");
+    }
+    let steps = [args.steps, args.cold_steps.unwrap_or(0), args.fold_steps];
+    if steps.iter().any(|&s| s > MAX_STEPS) || args.steps == 0 {
+        bail!("--steps must be in 1..={MAX_STEPS}, --cold-steps and --fold-steps at most that");
+    }
     let (search, build, engine_params) = bench_params(&args.overrides)?;
     let source = Source::open(&args.source)?;
     println!(
