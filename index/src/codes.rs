@@ -169,8 +169,13 @@ impl CodeQuery {
     #[inline]
     pub fn score(&self, code: &[u8]) -> f32 {
         if self.bits == 8 {
-            // Centroid codes: one code per byte, sixteen per multiply-add.
-            let acc = crate::simd::score_u8_codes(code, &self.weights);
+            // Centroid codes: one code per byte; this form vectorises (no per-slot shifts).
+            let acc: i32 = self
+                .weights
+                .iter()
+                .zip(code)
+                .map(|(&wi, &ci)| wi as i32 * ci as i32)
+                .sum();
             return self.bias + acc as f32 * self.unit;
         }
         let mask = ((1u32 << self.bits) - 1) as u8;

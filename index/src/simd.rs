@@ -155,66 +155,6 @@ fn convert_accelerated(_bytes: &[u8], _out: &mut [f32]) -> usize {
     0
 }
 
-/// `Σ w_i · c_i` for 8-bit codes (centroid codes) and their i16 weights, sixteen lanes per
-/// `pmaddwd`. The integer sum is the scalar loop's exactly (wrapping the same way).
-#[inline]
-pub fn score_u8_codes(code: &[u8], weights: &[i16]) -> i32 {
-    let n = code.len().min(weights.len());
-    let (acc, done) = score_u8_accelerated(&code[..n], &weights[..n]);
-    code[done..n]
-        .iter()
-        .zip(&weights[done..n])
-        .fold(acc, |a, (&c, &w)| a.wrapping_add(w as i32 * c as i32))
-}
-
-/// The AVX2 part: the sum over the first `16·⌊n/16⌋` elements and that count.
-#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-#[inline]
-fn score_u8_accelerated(code: &[u8], weights: &[i16]) -> (i32, usize) {
-    use std::arch::x86_64::*;
-    let chunks = code.len() / 16;
-    // SAFETY: the cfg guarantees AVX2 at compile time. Chunk i reads bytes [16i, 16i + 16) of
-    // `code` and i16s [16i, 16i + 16) of `weights`; with i < ⌊n/16⌋ both lie inside their
-    // slices (the caller passes equal lengths n). All loads are unaligned loads.
-    unsafe {
-        let mut acc0 = _mm256_setzero_si256();
-        let mut acc1 = _mm256_setzero_si256();
-        let mut i = 0;
-        while i + 1 < chunks {
-            let c0 =
-                _mm256_cvtepu8_epi16(_mm_loadu_si128(code.as_ptr().add(16 * i) as *const __m128i));
-            let c1 = _mm256_cvtepu8_epi16(_mm_loadu_si128(
-                code.as_ptr().add(16 * i + 16) as *const __m128i
-            ));
-            let w0 = _mm256_loadu_si256(weights.as_ptr().add(16 * i) as *const __m256i);
-            let w1 = _mm256_loadu_si256(weights.as_ptr().add(16 * i + 16) as *const __m256i);
-            acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(c0, w0));
-            acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(c1, w1));
-            i += 2;
-        }
-        if i < chunks {
-            let c0 =
-                _mm256_cvtepu8_epi16(_mm_loadu_si128(code.as_ptr().add(16 * i) as *const __m128i));
-            let w0 = _mm256_loadu_si256(weights.as_ptr().add(16 * i) as *const __m256i);
-            acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(c0, w0));
-        }
-        let acc = _mm256_add_epi32(acc0, acc1);
-        let half = _mm_add_epi32(
-            _mm256_castsi256_si128(acc),
-            _mm256_extracti128_si256(acc, 1),
-        );
-        let quad = _mm_add_epi32(half, _mm_shuffle_epi32(half, 0b01_00_11_10));
-        let one = _mm_add_epi32(quad, _mm_shuffle_epi32(quad, 0b10_11_00_01));
-        (_mm_cvtsi128_si32(one), 16 * chunks)
-    }
-}
-
-#[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
-#[inline]
-fn score_u8_accelerated(_code: &[u8], _weights: &[i16]) -> (i32, usize) {
-    (0, 0)
-}
-
 /// Scores one block of 4-bit codes (`pairs.len()` bytes of [`crate::codes::CODE_BLOCK`] = 16
 /// keys each, byte-major): key i gets `Σ_k w_lo[k]·lo(block[k][i]) + w_hi[k]·hi(block[k][i])`,
 /// with `pairs[k]` holding `w_lo` in its low and `w_hi` in its high 16 bits. None without AVX2,
@@ -321,25 +261,6 @@ fn accelerated(_bytes: &[u8], _q: &[f32]) -> (f32, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn u8_code_scores_equal_the_scalar_sum() {
-        for n in [0usize, 1, 15, 16, 17, 31, 32, 48, 128, 130, 256] {
-            let code: Vec<u8> = (0..n).map(|i| (i * 37 % 256) as u8).collect();
-            let w: Vec<i16> = (0..n)
-                .map(|i| match i % 5 {
-                    0 => i16::MAX,
-                    1 => i16::MIN,
-                    _ => ((i * 7919) % 65536) as u16 as i16,
-                })
-                .collect();
-            let scalar = code
-                .iter()
-                .zip(&w)
-                .fold(0i32, |a, (&c, &x)| a.wrapping_add(x as i32 * c as i32));
-            assert_eq!(score_u8_codes(&code, &w), scalar, "n={n}");
-        }
-    }
 
     #[test]
     fn exp_matches_libm_within_a_few_ulp() {
