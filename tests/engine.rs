@@ -555,6 +555,25 @@ fn copy_tree(from: &Path, to: &Path) {
     }
 }
 
+/// Steps layer 0 of `d` through `positions` with real inputs and checks every query head's
+/// output and log-sum-exp against exact attention over positions 0..=p (the session searches
+/// with a full budget).
+fn steps_match_exact(e: &Engine, id: u64, d: &KvDump, positions: std::ops::Range<usize>) {
+    let dim = d.meta.head_dim;
+    for p in positions {
+        let (q, k, v) = inputs(d, 0, p);
+        let out = e.step(id, 0, &q, &k, &v).unwrap();
+        for (qh, head) in out.heads.iter().enumerate() {
+            let (want, lse) = exact(d, 0, qh, &q[qh * dim..(qh + 1) * dim], p);
+            assert!(
+                rel_err(&head.output, &want) < 1e-4,
+                "position {p} head {qh}"
+            );
+            assert!((head.lse - lse).abs() < 1e-3, "position {p} head {qh}");
+        }
+    }
+}
+
 /// `fixtures/session-tail-v1` is a session folder written by the build before tail format 2:
 /// a 96-token prefill of the tiny dump (`fixtures/tiny-smollm2.safetensors`), 48 appended
 /// steps with a window of 8 and folds of 16 tokens, then `close_session`. It must reopen with
@@ -576,19 +595,7 @@ fn a_tail_written_by_format_version_1_reopens() {
     let info = e.info(id).unwrap();
     assert!(info.reused_index);
     assert_eq!(info.lengths, vec![prefill + appended]);
-    let dim = d.meta.head_dim;
-    for p in prefill + appended..d.token_ids.len() {
-        let (q, k, v) = inputs(&d, 0, p);
-        let out = e.step(id, 0, &q, &k, &v).unwrap();
-        for (qh, head) in out.heads.iter().enumerate() {
-            let (want, lse) = exact(&d, 0, qh, &q[qh * dim..(qh + 1) * dim], p);
-            assert!(
-                rel_err(&head.output, &want) < 1e-4,
-                "position {p} head {qh}"
-            );
-            assert!((head.lse - lse).abs() < 1e-3, "position {p} head {qh}");
-        }
-    }
+    steps_match_exact(&e, id, &d, prefill + appended..d.token_ids.len());
     // Closing writes the current version, which reopens too.
     e.close_session(id).unwrap();
     let e = engine(&root, folding_every(16), full_search());
@@ -683,26 +690,12 @@ fn a_prefill_shorter_than_the_sinks_folds_and_reopens_exactly() {
             queries: &[],
         })
         .collect();
-    let check = |e: &Engine, id: u64, positions: std::ops::Range<usize>| {
-        for p in positions {
-            let (q, k, v) = inputs(&d, 0, p);
-            let out = e.step(id, 0, &q, &k, &v).unwrap();
-            for (qh, head) in out.heads.iter().enumerate() {
-                let (want, lse) = exact(&d, 0, qh, &q[qh * dim..(qh + 1) * dim], p);
-                assert!(
-                    rel_err(&head.output, &want) < 1e-4,
-                    "position {p} head {qh}"
-                );
-                assert!((head.lse - lse).abs() < 1e-3, "position {p} head {qh}");
-            }
-        }
-    };
     {
         let e = engine(&root, folding_every(16), search.clone());
         let id = e
             .create_session(spec_of_prefix(&d, prefill), Some(&heads))
             .unwrap();
-        check(&e, id, prefill..80);
+        steps_match_exact(&e, id, &d, prefill..80);
         e.finish_folds(id).unwrap();
         assert!(!deltas_in(&e.info(id).unwrap().dir).is_empty(), "no fold");
         e.close_session(id).unwrap();
@@ -714,7 +707,7 @@ fn a_prefill_shorter_than_the_sinks_folds_and_reopens_exactly() {
         vec![80],
         "the tail was not restored"
     );
-    check(&e, id, 80..d.token_ids.len());
+    steps_match_exact(&e, id, &d, 80..d.token_ids.len());
 }
 
 /// An index is reused only for the same shape and scales: another softmax scale over the same
