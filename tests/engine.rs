@@ -729,11 +729,19 @@ fn another_softmax_scale_rebuilds_instead_of_reusing() {
     let e = engine(&root, folding_every(64), full_search());
     let mut other = spec(&d);
     other.softmax_scale[0] *= 0.5;
-    // Without prefill there is nothing to rebuild from: refused, not reused.
+    // Without prefill there is nothing to rebuild from: refused, not reused, and the tail of
+    // the index that is there stays.
     assert!(matches!(
         e.create_session(other.clone(), None),
         Err(EngineError::Spec(_))
     ));
+    let dir = std::fs::read_dir(&root)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert!(dir.join("tail.strata").exists());
     let id = e.create_session(other, Some(&prefill(&d))).unwrap();
     let info = e.info(id).unwrap();
     assert!(!info.reused_index);

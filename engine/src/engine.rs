@@ -228,18 +228,7 @@ impl Engine {
         } else {
             None
         };
-        // A tail belongs to the index it extends: a rebuilt index starts from its prefill.
         let tail_path = dir.join(TAIL_FILE);
-        if existing.is_none() && tail_path.exists() {
-            let aside = dir.join(format!("{TAIL_FILE}.unusable"));
-            log::warn!(
-                "{}: written over another index; moved to {}",
-                tail_path.display(),
-                aside.display()
-            );
-            std::fs::rename(&tail_path, &aside)
-                .map_err(|e| folder_err(&tail_path, e.to_string()))?;
-        }
         let reused = existing.is_some();
         self.admit(&spec, reused)?;
         let index = match existing {
@@ -271,6 +260,18 @@ impl Engine {
                 };
                 std::fs::create_dir_all(&dir).map_err(|e| folder_err(&dir, e.to_string()))?;
                 build_index_from(&input, &self.build, &index_dir, true, &|_, _| {})?;
+                // A tail belongs to the index it extends: once a new one is built, the old
+                // tail is set aside and the session starts from its prefill.
+                if tail_path.exists() {
+                    let aside = dir.join(format!("{TAIL_FILE}.unusable"));
+                    log::warn!(
+                        "{}: written over another index; moved to {}",
+                        tail_path.display(),
+                        aside.display()
+                    );
+                    std::fs::rename(&tail_path, &aside)
+                        .map_err(|e| folder_err(&tail_path, e.to_string()))?;
+                }
                 Index::open(&index_dir, self.reader, self.cache.clone())?
             }
         };

@@ -207,8 +207,9 @@ mod tests {
             r.sort_unstable();
             r
         };
-        // Scores as the code scan makes them: many distinct values in a narrow range, a tail,
-        // signed zeros; then the same with infinities, which take the order-key histogram.
+        // Scores as the code scan makes them (many distinct values in a narrow range, so the
+        // k-th largest shares its histogram bucket with many others), a tail, signed zeros;
+        // then the same with infinities and the extremes of f32.
         let mut v: Vec<f32> = (0..6000u32)
             .map(|i| ((i.wrapping_mul(2_654_435_761) >> 8) % 100_000) as f32 * 1e-4 - 3.0)
             .collect();
