@@ -478,7 +478,42 @@ fn a_corrupt_posting_list_fails_the_session_with_a_reason() {
         matches!(again, EngineError::SessionFailed { .. }),
         "{again}"
     );
-    assert!(e.info(id).unwrap().failed.unwrap().contains("checksum"));
+    let info = e.info(id).unwrap();
+    assert!(info.failed.unwrap().contains("checksum"));
+    // The failed step was undone: a tail saved now does not hold its token.
+    assert_eq!(info.lengths, vec![PREFILL; 2]);
+}
+
+/// Dropping or closing a session waits for its steps and folds: afterwards nothing writes into
+/// its folder (no build in progress, every delta complete), and steps are refused.
+#[test]
+fn dropping_a_session_waits_for_its_folds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(d) = dump(tmp.path()) else { return };
+    let root = tmp.path().join("root");
+    let e = engine(&root, folding_every(64), SearchParams::default());
+    let id = e.create_session(spec(&d), Some(&prefill(&d))).unwrap();
+    let dir = e.info(id).unwrap().dir;
+    // 128 steps start the first fold (64 tokens past the 64-token window); drop right away.
+    for p in PREFILL..PREFILL + 129 {
+        let (q, k, v) = inputs(&d, 0, p);
+        e.step(id, 0, &q, &k, &v).unwrap();
+    }
+    e.drop_session(id).unwrap();
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|x| x.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.contains(".building-")),
+        "a fold still building after drop: {names:?}"
+    );
+    assert!(!deltas_in(&dir).is_empty(), "the fold did not finish");
+    let (q, k, v) = inputs(&d, 0, PREFILL + 129);
+    assert!(matches!(
+        e.step(id, 0, &q, &k, &v),
+        Err(EngineError::UnknownSession(_))
+    ));
 }
 
 #[test]

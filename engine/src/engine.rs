@@ -299,6 +299,8 @@ impl Engine {
             reused_index: reused,
             layers,
             failed: Mutex::new(None),
+            closed: AtomicBool::new(false),
+            fold_tokens: self.params.fold_tokens as usize,
             cache: self.cache.clone(),
             reader: self.reader,
         });
@@ -447,22 +449,31 @@ impl Engine {
         Ok(self.session(id)?.base.preload()?)
     }
 
-    /// Forgets a session; its folder stays for reuse.
+    /// Forgets a session; its folder stays for reuse. Waits for its running steps and folds,
+    /// so that none of them writes into the folder afterwards (a later session over the same
+    /// context would fold into the same delta folders).
     pub fn drop_session(&self, id: SessionId) -> EngineResult<()> {
-        self.sessions
+        let s = self
+            .sessions
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id)
-            .map(|_| ())
-            .ok_or(EngineError::UnknownSession(id))
+            .ok_or(EngineError::UnknownSession(id))?;
+        s.close_and_drain();
+        Ok(())
     }
 
-    /// Finishes the session's folds, persists its appended tail, and drops it. A later
-    /// `create_session` over the same context (after a restart too) continues from there.
+    /// Finishes the session's steps and folds, persists its appended tail, and drops it. A
+    /// later `create_session` over the same context (after a restart too) continues from
+    /// there. Steps that come after the close began are refused (`UnknownSession`); if the
+    /// tail cannot be written, the session stays open and usable.
     pub fn close_session(&self, id: SessionId) -> EngineResult<()> {
         let s = self.session(id)?;
-        s.finish_folds();
-        save_tail(&s, &s.dir.join(TAIL_FILE))?;
+        s.close_and_drain();
+        if let Err(e) = save_tail(&s, &s.dir.join(TAIL_FILE)) {
+            s.closed.store(false, Ordering::Release);
+            return Err(e);
+        }
         self.drop_session(id)
     }
 

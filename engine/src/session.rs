@@ -282,6 +282,11 @@ pub(crate) struct Session {
     pub reused_index: bool,
     pub layers: Vec<Mutex<LayerState>>,
     pub failed: Mutex<Option<String>>,
+    /// Set by `close_session`/`drop_session` before they drain the layers: a step that finds
+    /// it set (under its layer's lock) changes nothing.
+    pub closed: AtomicBool,
+    /// `EngineParams::fold_tokens`: the fold interval a successful fold returns to.
+    pub fold_tokens: usize,
     pub cache: Arc<RamCache>,
     pub reader: ReaderPreference,
 }
@@ -473,6 +478,9 @@ impl Session {
         }
 
         let mut st = lock(&self.layers[layer]);
+        if self.closed.load(Ordering::Acquire) {
+            return Err(EngineError::UnknownSession(self.id));
+        }
         self.install_fold(layer, &mut st);
         // Append: the new token is position `len`, inside the recent window from now on.
         let p = st.len;
@@ -624,21 +632,21 @@ impl Session {
                     tel.attention_ns += t.attention_ns;
                 }
                 Err(e) => {
-                    // A damaged list makes every later answer suspect: the session stops
-                    // serving. Otherwise the step is undone, so that a retry appends once.
+                    // The step is undone, so that a retry (or a tail saved now) holds the
+                    // token once. A damaged list also makes every later answer suspect: the
+                    // session stops serving.
+                    for h in 0..spec.kv_heads {
+                        let keep = st.tail.k[h].len() - dim;
+                        st.tail.k[h].truncate(keep);
+                        st.tail.v[h].truncate(keep);
+                    }
+                    st.len -= 1;
                     if matches!(
                         e,
                         EngineError::Index(IndexError::Storage(_))
                             | EngineError::Index(IndexError::Open { .. })
                     ) {
                         self.fail(e.to_string());
-                    } else {
-                        for h in 0..spec.kv_heads {
-                            let keep = st.tail.k[h].len() - dim;
-                            st.tail.k[h].truncate(keep);
-                            st.tail.v[h].truncate(keep);
-                        }
-                        st.len -= 1;
                     }
                     return Err(e);
                 }
@@ -675,6 +683,7 @@ impl Session {
                 st.folded_upto = delta.start + delta.len;
                 st.deltas.push(delta);
                 st.fold_error = None;
+                st.next_fold_at = self.fold_tokens;
             }
             Some(Err(e)) => {
                 log::warn!(
@@ -707,30 +716,46 @@ impl Session {
             .collect();
         let done = Arc::new(AtomicBool::new(false));
         let slot = Arc::new(Mutex::new(None));
-        st.fold_running = Some((done.clone(), slot.clone()));
+        let (thread_done, thread_slot) = (done.clone(), slot.clone());
         let me = Arc::clone(self);
-        std::thread::spawn(move || {
-            // The fold builds on its own one-thread pool at a lower priority: on the shared
-            // pool its k-means jobs would queue ahead of a step's searches and stall it.
-            if let Err(e) = crate::sched::set_thread_nice(crate::sched::FOLD_NICE) {
-                log::warn!("fold thread keeps normal priority: {e}");
+        let spawned = std::thread::Builder::new()
+            .name("strata-fold".into())
+            .spawn(move || {
+                // The fold builds on its own one-thread pool at a lower priority: on the shared
+                // pool its k-means jobs would queue ahead of a step's searches and stall it.
+                if let Err(e) = crate::sched::set_thread_nice(crate::sched::FOLD_NICE) {
+                    log::warn!("fold thread keeps normal priority: {e}");
+                }
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(1)
+                    .thread_name(|_| "strata-fold".into())
+                    .start_handler(|_| {
+                        let _ = crate::sched::set_thread_nice(crate::sched::FOLD_NICE);
+                    })
+                    .build();
+                // A panic in the build must still report back, or the fold would never finish.
+                let result =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &pool {
+                        Ok(pool) => pool.install(|| me.build_delta(layer, start, end, &rows)),
+                        Err(_) => me.build_delta(layer, start, end, &rows),
+                    }))
+                    .unwrap_or_else(|_| Err("the fold's build panicked".to_string()));
+                *lock(&thread_slot) = Some(result);
+                thread_done.store(true, Ordering::Release);
+            });
+        match spawned {
+            Ok(_) => st.fold_running = Some((done, slot)),
+            // No thread to fold on (the system's limit): the tokens stay static, as after a
+            // failed fold, and the next attempt waits twice as long.
+            Err(e) => {
+                log::warn!(
+                    "session {} layer {layer}: cannot start a fold: {e}",
+                    self.id
+                );
+                st.fold_error = Some(format!("cannot start the fold's thread: {e}"));
+                st.next_fold_at *= 2;
             }
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(1)
-                .thread_name(|_| "strata-fold".into())
-                .start_handler(|_| {
-                    let _ = crate::sched::set_thread_nice(crate::sched::FOLD_NICE);
-                })
-                .build();
-            // A panic in the build must still report back, or the fold would never finish.
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &pool {
-                Ok(pool) => pool.install(|| me.build_delta(layer, start, end, &rows)),
-                Err(_) => me.build_delta(layer, start, end, &rows),
-            }))
-            .unwrap_or_else(|_| Err("the fold's build panicked".to_string()));
-            *lock(&slot) = Some(result);
-            done.store(true, Ordering::Release);
-        });
+        }
     }
 
     fn build_delta(&self, layer: usize, start: usize, end: usize, rows: &[FoldRows]) -> FoldResult {
@@ -768,6 +793,17 @@ impl Session {
             len: end - start,
             index: Arc::new(index),
         })
+    }
+
+    /// Marks the session closed and waits until no step is running on any layer (steps hold
+    /// their layer's lock throughout and check the mark under it), then for its folds, so that
+    /// nothing changes the session or writes into its folder afterwards.
+    pub fn close_and_drain(&self) {
+        self.closed.store(true, Ordering::Release);
+        for layer in &self.layers {
+            drop(lock(layer));
+        }
+        self.finish_folds();
     }
 
     /// Waits for every running fold and installs it (for shutdown and tests).

@@ -260,7 +260,11 @@ fn temp_dir_for(out: &Path) -> IndexResult<PathBuf> {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    Ok(parent.join(format!(".{name}.building-{}", std::process::id())))
+    // Unique per build, not only per process: two builds of one folder in one process (a fold
+    // of a dropped session and its successor's, say) must not share a scratch folder.
+    static NEXT_BUILD: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT_BUILD.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(parent.join(format!(".{name}.building-{}-{n}", std::process::id())))
 }
 
 /// Keys and values of one (layer, KV head): `tokens × dim` each, row-major; and the prefill
