@@ -72,6 +72,8 @@ impl Default for BuildParams {
 
 /// Search-time parameters.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// A field missing from serialised parameters takes its value from `Default` below.
+#[serde(default)]
 pub struct SearchParams {
     /// Attended tokens beyond the static ones, as a fraction of visible keys (0, 1].
     pub budget: f32,
@@ -88,39 +90,25 @@ pub struct SearchParams {
     /// Adaptive budget: when set (in (0, 1]), attend the exactly scored candidates in descending
     /// score only until the *estimated* covered mass (static tokens included) reaches this
     /// target, never more than `budget` allows. None: always attend the full budget.
-    #[serde(default)]
     pub target_mass: Option<f32>,
     /// Return an estimate of attention over the visible, non-static tokens not attended exactly
     /// (RetroInfer's idea), from per-list centroids, sizes and value sums, for the caller to
     /// merge by log-sum-exp with the exact part.
-    #[serde(default = "default_true")]
     pub estimate_remainder: bool,
     /// Probed tokens not attended are estimated with the logit of their in-RAM key code (already
     /// scored) instead of their list's centroid. Values are always the list's mean value.
-    #[serde(default = "default_true")]
     pub remainder_code_logits: bool,
     /// Variance correction of a centroid-estimated logit: `+ ½·s²·|q|²·σ²` with the per-dimension
     /// variance `σ² = remainder_variance · radius² / dim` (radius: largest member distance from
     /// the centroid). 0 turns it off.
-    #[serde(default)]
     pub remainder_variance: f32,
     /// Correction of a code-estimated logit for the quantisation noise of the codes:
     /// `− remainder_code_noise · ½·s²·Σ_d q_d²·step_d²/12` (1 = the full expected bias).
-    #[serde(default)]
     pub remainder_code_noise: f32,
     /// Lists holding less than this share of the estimated remainder weight (smallest first) are
     /// not read for value sums; their weight stays in the estimate's log-sum-exp and takes the
     /// mean value of the lists that are read.
-    #[serde(default = "default_remainder_list_epsilon")]
     pub remainder_list_epsilon: f32,
-}
-
-fn default_true() -> bool {
-    true
-}
-
-fn default_remainder_list_epsilon() -> f32 {
-    SearchParams::default().remainder_list_epsilon
 }
 
 impl Default for SearchParams {

