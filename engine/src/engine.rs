@@ -34,6 +34,8 @@ const SPEC_FILE: &str = "session.json";
 struct PrefetchJob {
     session: Weak<Session>,
     layer: usize,
+    /// The position the next step of this layer will have.
+    next: usize,
     queries: Vec<f32>,
     margin: f32,
 }
@@ -116,7 +118,7 @@ impl Engine {
                         }
                         for job in latest {
                             if let Some(s) = job.session.upgrade() {
-                                prefetch_layer(&s, job.layer, &job.queries, job.margin);
+                                prefetch_layer(&s, job.layer, job.next, &job.queries, job.margin);
                             }
                         }
                     }
@@ -420,6 +422,7 @@ impl Engine {
             let job = PrefetchJob {
                 session: Arc::downgrade(&session),
                 layer,
+                next: out.telemetry.position + 1,
                 queries: queries.to_vec(),
                 margin: self.params.prefetch_margin,
             };
@@ -513,11 +516,12 @@ fn same_scales(s: &strata_index::manifest::ArchivedSourceInfo, scales: &[f32]) -
 
 /// Reads ahead the lists the next step of `layer` will likely need: the same search with this
 /// step's queries, its cache traffic marked as prefetch.
-fn prefetch_layer(s: &Arc<Session>, layer: usize, queries: &[f32], margin: f32) {
-    let Some(st) = s.layers.get(layer) else {
+fn prefetch_layer(s: &Arc<Session>, layer: usize, next: usize, queries: &[f32], margin: f32) {
+    // The position comes with the job: taking the layer's lock here, at idle priority, could
+    // hold up the next step.
+    if layer >= s.layers.len() {
         return;
-    };
-    let next = st.lock().unwrap_or_else(|p| p.into_inner()).len;
+    }
     let base_last = s.base_tokens - 1;
     let params = SearchParams {
         recent_tokens: (s.search.recent_tokens as usize).saturating_sub(next - base_last) as u32,

@@ -193,7 +193,13 @@ impl RamCache {
     /// entries until the budget holds. A buffer larger than the whole budget is not cached.
     pub fn insert(&self, key: CacheKey, buf: Arc<AlignedBuf>) {
         let size = buf.len() as u64;
+        let prefetched = prefetching();
         let mut g = self.write();
+        // A prefetch that lost the race to a demand read keeps the entry as it is: marking it
+        // prefetched would count the next demand hit as the prefetch's.
+        if prefetched && g.map.contains_key(&key) {
+            return;
+        }
         g.remove(&key);
         if size > self.capacity {
             return;
@@ -218,7 +224,6 @@ impl RamCache {
             }
         }
         let tick = self.tick();
-        let prefetched = prefetching();
         g.order.insert(tick, key);
         g.map.insert(
             key,
@@ -286,6 +291,10 @@ impl RamCache {
         g.insertions = 0;
         g.evictions = 0;
         g.prefetch_insertions = 0;
+        // Entries prefetched before the reset are not this period's prefetch insertions.
+        for e in g.map.values() {
+            e.prefetched.store(false, Ordering::Relaxed);
+        }
     }
 }
 

@@ -207,3 +207,25 @@ fn prefetched_entries_count_their_first_demand_hit() {
     let s = cache.stats();
     assert_eq!((s.hits, s.prefetch_hits), (2, 1));
 }
+
+#[test]
+fn a_prefetch_that_loses_the_race_and_a_reset_count_no_prefetch_hits() {
+    use strata_storage::cache::as_prefetch;
+    let cache = RamCache::new(1 << 20);
+    let buf = std::sync::Arc::new(strata_storage::aligned::AlignedBuf::zeroed(4096));
+    // A demand read inserted the list first; the prefetch's insert of the same list is dropped.
+    let raced = CacheKey { file: 1, offset: 0 };
+    cache.insert(raced, buf.clone());
+    as_prefetch(|| cache.insert(raced, buf.clone()));
+    // Prefetched before the statistics were reset: not this period's prefetch.
+    let earlier = CacheKey {
+        file: 1,
+        offset: 4096,
+    };
+    as_prefetch(|| cache.insert(earlier, buf.clone()));
+    cache.reset_stats();
+    assert!(cache.get(&raced).is_some());
+    assert!(cache.get(&earlier).is_some());
+    let s = cache.stats();
+    assert_eq!((s.hits, s.prefetch_hits, s.prefetch_insertions), (2, 0, 0));
+}
