@@ -163,6 +163,40 @@ fn bad_queries_and_parameters_are_typed_errors() {
     assert!(e.contains("past the"), "{e}");
     let e = index.search(5, 0, &q, p, &params).unwrap_err().to_string();
     assert!(e.contains("no such head"), "{e}");
+    // One static log-sum-exp per query, or none.
+    let e = index
+        .search_group(
+            0,
+            0,
+            &[&q],
+            p,
+            &params,
+            Some(&[0.0, 0.0]),
+            strata_index::search::Gather::Values,
+        )
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("static_lses"), "{e}");
+    // The baselines check their queries as the index does.
+    use strata_index::baselines::HeadRetriever;
+    let exact = strata_index::baselines::exact::Exact {
+        keys: dump.keys.slice2(0, 0),
+        dim: dump.meta.head_dim,
+        full: false,
+    };
+    let e = exact
+        .retrieve(&q[..10], p, &params)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("10 dims"), "{e}");
+    let e = exact
+        .retrieve(&nan, p, &params)
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("component 3"), "{e}");
 }
 
 #[test]

@@ -531,6 +531,19 @@ fn specs_parameters_and_prefill_values_are_validated() {
         ReaderPreference::Auto,
     );
     assert!(matches!(e, Err(EngineError::Spec(m)) if m.contains("fold_tokens")));
+    for margin in [0.5f32, f32::INFINITY, f32::NAN] {
+        let e = Engine::new(
+            &tmp.path().join("a"),
+            EngineParams {
+                prefetch_margin: margin,
+                ..Default::default()
+            },
+            SearchParams::default(),
+            BuildParams::default(),
+            ReaderPreference::Auto,
+        );
+        assert!(matches!(e, Err(EngineError::Spec(m)) if m.contains("prefetch_margin")));
+    }
     let Some(d) = dump(tmp.path()) else { return };
     let e = engine(
         &tmp.path().join("b"),
@@ -545,6 +558,11 @@ fn specs_parameters_and_prefill_values_are_validated() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("repeat"), "{err}");
+    // Sizes an index cannot record, or whose step inputs would overflow.
+    let mut huge = spec(&d);
+    huge.q_heads = huge.kv_heads << 40;
+    let err = e.create_session(huge, None).unwrap_err().to_string();
+    assert!(err.contains("exceed u32"), "{err}");
     // A value beyond the f16 range of the lists is refused, not stored as infinity.
     let mut big = d.keys.slice2(0, 0)[..PREFILL * 64].to_vec();
     big[10] = 1e6;

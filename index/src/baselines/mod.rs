@@ -177,3 +177,39 @@ pub trait HeadRetriever: Send + Sync {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn baseline_parameters_are_validated_by_name() {
+        assert!(BaselineParams::default().validate().is_ok());
+        for (p, name) in [
+            (
+                BaselineParams {
+                    ivf_scan_factor: 0.0,
+                    ..Default::default()
+                },
+                "ivf_scan_factor",
+            ),
+            (
+                BaselineParams {
+                    hnsw_max_connections: 300,
+                    ..Default::default()
+                },
+                "hnsw_max_connections",
+            ),
+            (
+                BaselineParams {
+                    ivf_list_size: 0,
+                    ..Default::default()
+                },
+                "ivf_list_size",
+            ),
+        ] {
+            let e = p.validate().unwrap_err().to_string();
+            assert!(e.contains(name), "{e}");
+        }
+    }
+}
