@@ -627,22 +627,37 @@ fn steps_match_exact(e: &Engine, id: u64, d: &KvDump, positions: std::ops::Range
     }
 }
 
+fn fixtures() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// `fixtures/tiny-smollm2.safetensors`: 160 tokens of one SmolLM2 layer.
+fn tiny_dump() -> KvDump {
+    KvDump::open(&fixtures().join("tiny-smollm2.safetensors")).unwrap()
+}
+
+/// The setting the tiny-dump sessions (and `fixtures/session-tail-v1`) use: a window of 8
+/// tokens and folds of 16, so that a few dozen steps fold, with a full-budget search whose
+/// answers are exact.
+fn tiny_engine(root: &Path) -> Engine {
+    let search = SearchParams {
+        recent_tokens: 8,
+        ..full_search()
+    };
+    engine(root, folding_every(16), search)
+}
+
 /// `fixtures/session-tail-v1` is a session folder written by the build before tail format 2:
 /// a 96-token prefill of the tiny dump (`fixtures/tiny-smollm2.safetensors`), 48 appended
 /// steps with a window of 8 and folds of 16 tokens, then `close_session`. It must reopen with
 /// its tail and delta, and answer the next steps exactly.
 #[test]
 fn a_tail_written_by_format_version_1_reopens() {
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
-    let d = KvDump::open(&fixtures.join("tiny-smollm2.safetensors")).unwrap();
+    let d = tiny_dump();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");
-    copy_tree(&fixtures.join("session-tail-v1"), &root);
-    let search = SearchParams {
-        recent_tokens: 8,
-        ..full_search()
-    };
-    let e = engine(&root, folding_every(16), search);
+    copy_tree(&fixtures().join("session-tail-v1"), &root);
+    let e = tiny_engine(&root);
     let (prefill, appended) = (96, 48);
     let id = e.create_session(spec_of_prefix(&d, prefill), None).unwrap();
     let info = e.info(id).unwrap();
@@ -727,14 +742,9 @@ fn recent_queries_survive_a_restart() {
 /// arrive as steps, folds start after them, and the session's tail reopens.
 #[test]
 fn a_prefill_shorter_than_the_sinks_folds_and_reopens_exactly() {
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
-    let d = KvDump::open(&fixtures.join("tiny-smollm2.safetensors")).unwrap();
+    let d = tiny_dump();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");
-    let search = SearchParams {
-        recent_tokens: 8,
-        ..full_search()
-    };
     let (prefill, dim) = (2, d.meta.head_dim);
     let heads: Vec<HeadArrays> = (0..d.meta.kv_heads)
         .map(|h| HeadArrays {
@@ -744,7 +754,7 @@ fn a_prefill_shorter_than_the_sinks_folds_and_reopens_exactly() {
         })
         .collect();
     {
-        let e = engine(&root, folding_every(16), search.clone());
+        let e = tiny_engine(&root);
         let id = e
             .create_session(spec_of_prefix(&d, prefill), Some(&heads))
             .unwrap();
@@ -753,7 +763,7 @@ fn a_prefill_shorter_than_the_sinks_folds_and_reopens_exactly() {
         assert!(!deltas_in(&e.info(id).unwrap().dir).is_empty(), "no fold");
         e.close_session(id).unwrap();
     }
-    let e = engine(&root, folding_every(16), search);
+    let e = tiny_engine(&root);
     let id = e.create_session(spec_of_prefix(&d, prefill), None).unwrap();
     assert_eq!(
         e.info(id).unwrap().lengths,
@@ -806,16 +816,11 @@ fn another_softmax_scale_rebuilds_instead_of_reusing() {
 /// lengths that overflow) is set aside with a warning; the session continues from its prefill.
 #[test]
 fn a_tail_that_claims_more_than_it_holds_is_set_aside() {
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
-    let d = KvDump::open(&fixtures.join("tiny-smollm2.safetensors")).unwrap();
-    let search = SearchParams {
-        recent_tokens: 8,
-        ..full_search()
-    };
+    let d = tiny_dump();
     for claimed in [1usize << 57, usize::MAX / 2, 100_000] {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().join("root");
-        copy_tree(&fixtures.join("session-tail-v1"), &root);
+        copy_tree(&fixtures().join("session-tail-v1"), &root);
         let session = std::fs::read_dir(&root)
             .unwrap()
             .next()
@@ -835,7 +840,7 @@ fn a_tail_that_claims_more_than_it_holds_is_set_aside() {
         let foot = strata_storage::footer::encode_footer(*b"STRTAIL\x01", 1, &forged);
         forged.extend_from_slice(&foot);
         std::fs::write(&tail, &forged).unwrap();
-        let e = engine(&root, folding_every(16), search.clone());
+        let e = tiny_engine(&root);
         let id = e.create_session(spec_of_prefix(&d, 96), None).unwrap();
         assert_eq!(e.info(id).unwrap().lengths, vec![96], "claimed {claimed}");
         assert!(session.join("tail.strata.unusable").exists());
