@@ -619,24 +619,22 @@ fn run_context(
                     let (nk, nv) = (row(&extra_layers[l].keys), row(&extra_layers[l].values));
                     let step = engine.step(id, l, &q, &nk, &nv)?;
                     if mode == StepMode::CheckedAgainstExact && !args.no_exact {
-                        let t = Instant::now();
-                        let exact = exact_attention(
-                            &layers[l],
-                            &extra_layers[l],
-                            appended + 1,
-                            &q,
-                            spec.softmax_scale[l],
-                        );
-                        exact_us.push(t.elapsed().as_secs_f64() * 1e6);
-                        let t = Instant::now();
-                        let per_head = exact_attention_per_query_head(
-                            &layers[l],
-                            &extra_layers[l],
-                            appended + 1,
-                            &q,
-                            spec.softmax_scale[l],
-                        );
-                        exact_per_head_us.push(t.elapsed().as_secs_f64() * 1e6);
+                        // Both baselines over the same KV and queries, each timed.
+                        let timed = |baseline: ExactBaseline, times: &mut Vec<f64>| {
+                            let t = Instant::now();
+                            let out = baseline(
+                                &layers[l],
+                                &extra_layers[l],
+                                appended + 1,
+                                &q,
+                                spec.softmax_scale[l],
+                            );
+                            times.push(t.elapsed().as_secs_f64() * 1e6);
+                            out
+                        };
+                        let exact = timed(exact_attention, &mut exact_us);
+                        let per_head =
+                            timed(exact_attention_per_query_head, &mut exact_per_head_us);
                         for ((h, e), p) in step.heads.iter().zip(&exact).zip(&per_head) {
                             errors.push(output_error(&h.output, e));
                             baselines_differ = baselines_differ.max(output_error(p, e));
@@ -822,6 +820,10 @@ fn run_context(
 /// one pass over K and V per KV head for its whole group of query heads (GQA): the baseline a
 /// careful CPU implementation gives. The prefill and the appended part are attended separately
 /// and merged by log-sum-exp, so nothing is copied.
+/// An exact-attention baseline: per query head, the output over the prefill and `appended`
+/// extra tokens.
+type ExactBaseline = fn(&Layer, &Layer, usize, &[f32], f32) -> Vec<Vec<f32>>;
+
 fn exact_attention(
     prefill: &Layer,
     extra: &Layer,
