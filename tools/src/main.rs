@@ -15,6 +15,12 @@ use strata_index::params::apply_overrides;
 use strata_index::{build_index, BuildParams};
 use strata_storage::kvdump::KvDump;
 
+/// mimalloc instead of glibc's malloc: a decoding step allocates and frees its search buffers
+/// on rayon's threads, and glibc returned that memory to the kernel and faulted it back in on
+/// every step (thousands of `brk` calls per second in `strata bench decode`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "strata",
