@@ -514,6 +514,21 @@ fn dropping_a_session_waits_for_its_folds() {
         e.step(id, 0, &q, &k, &v),
         Err(EngineError::UnknownSession(_))
     ));
+    // No tail was saved, so the delta is of no use to a later session over the context, and
+    // neither is a crashed process's build scratch: reopening removes both, keeps the index.
+    let scratch = dir.join(".delta-l000-0000000001-0000000002.building-4000000000-0");
+    std::fs::create_dir(&scratch).unwrap();
+    std::fs::write(scratch.join("segment"), b"partial").unwrap();
+    let before = e.info(id).map(|i| i.disk_bytes);
+    assert!(before.is_err(), "the dropped session is gone");
+    let id2 = e.create_session(spec(&d), None).unwrap();
+    let info = e.info(id2).unwrap();
+    assert_eq!(info.lengths, vec![PREFILL; 2], "continues from the prefill");
+    assert!(deltas_in(&dir).is_empty(), "an unused delta was kept");
+    assert!(!scratch.exists(), "a crashed build's scratch was kept");
+    assert!(dir.join("index").exists());
+    let (q, k, v) = inputs(&d, 0, PREFILL);
+    e.step(id2, 0, &q, &k, &v).unwrap();
 }
 
 #[test]

@@ -327,6 +327,7 @@ impl Engine {
                 }
             }
         }
+        remove_unused_folders(&session);
         self.sessions
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -490,6 +491,43 @@ impl Engine {
             .collect();
         ids.sort_unstable();
         ids
+    }
+}
+
+/// Removes what nothing will read from a session's folder, which would otherwise count against
+/// the disk budget for good: delta indexes the session's state does not use (folded by a
+/// session dropped before its tail was saved, or extending a tail that was set aside) and build
+/// scratch folders of other processes (a build cut short by a crash). Scratch folders of this
+/// process are left: their build may still be running.
+fn remove_unused_folders(s: &Session) {
+    let mut used = std::collections::HashSet::new();
+    for (l, layer) in s.layers.iter().enumerate() {
+        let st = layer.lock().unwrap_or_else(|p| p.into_inner());
+        used.extend(
+            st.deltas
+                .iter()
+                .map(|d| delta_dir(&s.dir, l, d.start, d.start + d.len)),
+        );
+    }
+    let Ok(entries) = std::fs::read_dir(&s.dir) else {
+        return;
+    };
+    let own_scratch = format!(".building-{}-", std::process::id());
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        let unused = if name.starts_with("delta-") {
+            !used.contains(&path)
+        } else {
+            name.starts_with('.') && name.contains(".building-") && !name.contains(&own_scratch)
+        };
+        if !unused || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => log::info!("{}: unused, removed", path.display()),
+            Err(e) => log::warn!("{}: unused, but cannot remove it: {e}", path.display()),
+        }
     }
 }
 

@@ -104,6 +104,7 @@ pub fn read_footer_of_versions(
             path: path.to_path_buf(),
             found: version,
             supported: *supported.end(),
+            oldest: *supported.start(),
         });
     }
     if payload_len.checked_add(FOOTER_LEN as u64) != Some(file_len) {
@@ -215,6 +216,8 @@ mod tests {
                 }) => {
                     assert!(version == 0 || version == 4);
                     assert_eq!((found, supported), (version, 3));
+                    let e = check_whole_of_versions(p, &file, MAGIC, 1..=3).unwrap_err();
+                    assert!(e.to_string().contains("reads versions 1 to 3"), "{e}");
                 }
                 Err(e) => panic!("version {version}: {e}"),
             }

@@ -357,6 +357,7 @@ fn bad_magic_and_future_version_rejected() {
                 path: p,
                 found,
                 supported,
+                ..
             }) => {
                 assert_eq!(p, path);
                 assert_eq!(found, SEGMENT_VERSION + 1);
