@@ -3,6 +3,7 @@
 
 use crate::attention::Attended;
 use strata_index::linalg::dot;
+use strata_index::simd::{dot_f16_bytes, exp_in_place, f16_to_f32};
 
 /// Attention over `logits` (already scaled) and their value rows (`logits.len() × dim`).
 pub fn attend_f32(logits: &[f32], values: &[f32], dim: usize) -> Attended {
@@ -45,39 +46,82 @@ pub fn attend_group_f32(
     debug_assert!(dim > 0 && keys.len().is_multiple_of(dim) && values.len() == keys.len());
     debug_assert!(queries.iter().all(|q| q.len() == dim));
     let n = keys.len() / dim.max(1);
-    let g = queries.len();
-    // Query-major logits, turned into unnormalised weights in place.
-    let mut weights = vec![0f32; g * n];
+    let mut weights = vec![0f32; queries.len() * n];
     for (i, k) in keys.chunks_exact(dim).enumerate() {
         for (qi, q) in queries.iter().enumerate() {
             weights[qi * n + i] = scale * dot(k, q);
         }
     }
+    let (maxes, denoms) = softmax_weights(&mut weights, queries.len(), n);
+    let mut outs = vec![vec![0f32; dim]; queries.len()];
+    for (i, v) in values.chunks_exact(dim).enumerate().take(n) {
+        accumulate(&mut outs, &weights, n, i, v);
+    }
+    normalise(outs, &maxes, &denoms, dim)
+}
+
+/// [`attend_group_f32`] over keys and values stored as f16 (little-endian bytes, `n × dim × 2`
+/// each), as a KV cache holds them: half the memory traffic of f32, each row widened in
+/// registers (keys) or once into a small buffer (values).
+pub fn attend_group_f16(
+    keys: &[u8],
+    values: &[u8],
+    queries: &[&[f32]],
+    scale: f32,
+    dim: usize,
+) -> Vec<Attended> {
+    debug_assert!(dim > 0 && keys.len().is_multiple_of(2 * dim) && values.len() == keys.len());
+    debug_assert!(queries.iter().all(|q| q.len() == dim));
+    let n = keys.len() / (2 * dim).max(1);
+    let mut weights = vec![0f32; queries.len() * n];
+    for (i, k) in keys.chunks_exact(2 * dim).enumerate() {
+        for (qi, q) in queries.iter().enumerate() {
+            weights[qi * n + i] = scale * dot_f16_bytes(k, q);
+        }
+    }
+    let (maxes, denoms) = softmax_weights(&mut weights, queries.len(), n);
+    let mut outs = vec![vec![0f32; dim]; queries.len()];
+    let mut row = vec![0f32; dim];
+    for (i, v) in values.chunks_exact(2 * dim).enumerate().take(n) {
+        f16_to_f32(v, &mut row);
+        accumulate(&mut outs, &weights, n, i, &row);
+    }
+    normalise(outs, &maxes, &denoms, dim)
+}
+
+/// Turns each query's logits (`g` query-major rows of `n`) into weights `exp(logit − max)` in
+/// place, eight at a time; returns each query's max and sum of weights.
+fn softmax_weights(weights: &mut [f32], g: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
     let mut maxes = Vec::with_capacity(g);
     let mut denoms = Vec::with_capacity(g);
     for w in weights.chunks_mut(n.max(1)).take(g) {
         let max = w.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut denom = 0f32;
         if max.is_finite() {
-            for x in w.iter_mut() {
-                *x = (*x - max).exp();
-                denom += *x;
-            }
+            w.iter_mut().for_each(|x| *x -= max);
+            exp_in_place(w);
+            denom = w.iter().sum();
         }
         maxes.push(max);
         denoms.push(denom);
     }
-    let mut outs = vec![vec![0f32; dim]; g];
-    for (i, v) in values.chunks_exact(dim).enumerate().take(n) {
-        for (qi, out) in outs.iter_mut().enumerate() {
-            let w = weights[qi * n + i];
-            for (o, x) in out.iter_mut().zip(v) {
-                *o = w.mul_add(*x, *o);
-            }
+    (maxes, denoms)
+}
+
+/// Adds value row `i` (`v`), weighted, to every query's output.
+fn accumulate(outs: &mut [Vec<f32>], weights: &[f32], n: usize, i: usize, v: &[f32]) {
+    for (qi, out) in outs.iter_mut().enumerate() {
+        let w = weights[qi * n + i];
+        for (o, x) in out.iter_mut().zip(v) {
+            *o = w.mul_add(*x, *o);
         }
     }
+}
+
+/// Divides each output by its sum of weights; a query with nothing to attend is neutral.
+fn normalise(outs: Vec<Vec<f32>>, maxes: &[f32], denoms: &[f32], dim: usize) -> Vec<Attended> {
     outs.into_iter()
-        .zip(maxes.iter().zip(&denoms))
+        .zip(maxes.iter().zip(denoms))
         .map(|(mut output, (&max, &denom))| {
             if !max.is_finite() || denom <= 0.0 {
                 return Attended {
@@ -144,5 +188,26 @@ mod tests {
         assert!(empty
             .iter()
             .all(|a| a.lse == f32::NEG_INFINITY && a.output == vec![0.0; dim]));
+        // Rows stored as f16 give what f32 attention over the same rounded rows gives.
+        let f16 = |xs: &[f32]| -> Vec<u8> {
+            xs.iter()
+                .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                .collect()
+        };
+        let rounded = |xs: &[f32]| -> Vec<f32> {
+            xs.iter()
+                .map(|&x| half::f16::from_f32(x).to_f32())
+                .collect()
+        };
+        let want = attend_group_f32(&rounded(&keys), &rounded(&values), &refs, 0.5, dim);
+        let halves = attend_group_f16(&f16(&keys), &f16(&values), &refs, 0.5, dim);
+        for (h, g) in halves.iter().zip(&want) {
+            assert!((h.lse - g.lse).abs() < 1e-5, "{} vs {}", h.lse, g.lse);
+            for (x, y) in h.output.iter().zip(&g.output) {
+                assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+            }
+        }
+        let empty = attend_group_f16(&[], &[], &refs, 0.5, dim);
+        assert!(empty.iter().all(|a| a.lse == f32::NEG_INFINITY));
     }
 }

@@ -18,8 +18,8 @@ use clap::Args;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 use serde::Serialize;
-use strata_engine::attention::merge;
-use strata_engine::cpu::{attend_f32, attend_group_f32};
+use strata_engine::attention::{merge, Attended};
+use strata_engine::cpu::{attend_f32, attend_group_f16, attend_group_f32};
 use strata_engine::metrics::output_error;
 use strata_engine::{Engine, EngineParams, SessionSpec, StepTelemetry};
 use strata_index::linalg::dot;
@@ -36,6 +36,9 @@ const MODEL_LAYERS: usize = 32;
 const RUN: usize = 256;
 /// Noise added to resampled rows, relative to each channel's spread.
 const NOISE: f32 = 0.02;
+/// Largest context whose K/V the bench also keeps as f16 for the f16 exact baseline (half as
+/// much again as the f32 source arrays: 0.5 GiB per layer at 128K).
+const EXACT_F16_MAX_TOKENS: usize = 1 << 18;
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -109,6 +112,51 @@ fn forget_appended_tokens(root: &std::path::Path) -> Result<()> {
 struct Layer {
     keys: Vec<Vec<f32>>,
     values: Vec<Vec<f32>>,
+}
+
+/// The same layer stored as f16 (little-endian bytes), as a KV cache holds it.
+struct LayerF16 {
+    keys: Vec<Vec<u8>>,
+    values: Vec<Vec<u8>>,
+}
+
+impl LayerF16 {
+    fn of(layer: &Layer) -> LayerF16 {
+        let halve = |heads: &[Vec<f32>]| -> Vec<Vec<u8>> {
+            heads
+                .iter()
+                .map(|h| {
+                    h.iter()
+                        .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                        .collect()
+                })
+                .collect()
+        };
+        LayerF16 {
+            keys: halve(&layer.keys),
+            values: halve(&layer.values),
+        }
+    }
+}
+
+/// K and V of one layer, per KV head, that exact attention can run over.
+trait ExactRows: Sync {
+    /// Attention of `qs` over the first `rows` tokens of KV head `h` (all of them: `None`).
+    fn attend(&self, h: usize, rows: Option<usize>, qs: &[&[f32]], scale: f32) -> Vec<Attended>;
+}
+
+impl ExactRows for Layer {
+    fn attend(&self, h: usize, rows: Option<usize>, qs: &[&[f32]], scale: f32) -> Vec<Attended> {
+        let n = rows.map_or(self.keys[h].len(), |r| r * DIM);
+        attend_group_f32(&self.keys[h][..n], &self.values[h][..n], qs, scale, DIM)
+    }
+}
+
+impl ExactRows for LayerF16 {
+    fn attend(&self, h: usize, rows: Option<usize>, qs: &[&[f32]], scale: f32) -> Vec<Attended> {
+        let n = rows.map_or(self.keys[h].len(), |r| r * DIM * 2);
+        attend_group_f16(&self.keys[h][..n], &self.values[h][..n], qs, scale, DIM)
+    }
 }
 
 struct Source {
@@ -323,6 +371,12 @@ struct ContextResult {
     speedup_vs_exact_per_query_head_warm_p50: Option<f64>,
     /// Largest output error between the two exact baselines (they must agree).
     exact_baselines_max_difference: Option<f64>,
+    /// Exact attention (GQA-aware) over the same K/V stored as f16, as a KV cache holds them:
+    /// half the memory traffic of the f32 baseline. Not run above `EXACT_F16_MAX_TOKENS`.
+    exact_f16_us_p50: Option<f64>,
+    speedup_vs_exact_f16_warm_p50: Option<f64>,
+    /// Its output error against the f32 exact attention (f16 rounding of K and V).
+    exact_f16_output_error_mean: Option<f64>,
     output_error_vs_exact_mean: Option<f64>,
     fold: Option<FoldResult>,
     disk_probe: DiskProbe,
@@ -450,7 +504,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     println!();
     println!(
-        "{:>8} {:>7} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>10} {:>8} {:>8} {:>9} {:>8} {:>9}",
+        "{:>8} {:>7} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>10} {:>8} {:>10} {:>8} {:>8} {:>9} {:>8} {:>9}",
         "tokens",
         "build s",
         "cold p50",
@@ -461,6 +515,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "speedup",
         "exact/qh",
         "speedup",
+        "exact f16",
+        "speedup",
         "err",
         "ssdKB/st",
         "ram hit",
@@ -468,7 +524,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     );
     for r in &results {
         println!(
-            "{:>8} {:>7.1} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>10.0} {:>8.1} {:>10.0} {:>8.1} {:>8.4} {:>9.0} {:>8.3} {:>9.3}",
+            "{:>8} {:>7.1} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>10.0} {:>8.1} {:>10.0} {:>8.1} {:>10.0} {:>8.1} {:>8.4} {:>9.0} {:>8.3} {:>9.3}",
             r.tokens,
             r.build_seconds,
             r.cold.step_us_p50,
@@ -479,6 +535,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
             r.speedup_vs_exact_warm_p50.unwrap_or(f64::NAN),
             r.exact_per_query_head_us_p50.unwrap_or(f64::NAN),
             r.speedup_vs_exact_per_query_head_warm_p50.unwrap_or(f64::NAN),
+            r.exact_f16_us_p50.unwrap_or(f64::NAN),
+            r.speedup_vs_exact_f16_warm_p50.unwrap_or(f64::NAN),
             r.output_error_vs_exact_mean.unwrap_or(f64::NAN),
             r.cold.ssd_bytes_per_step / 1024.0,
             r.warm.ram_hit_rate,
@@ -599,7 +657,19 @@ fn run_context(
     let mut errors = Vec::new();
     let mut exact_us = Vec::new();
     let mut exact_per_head_us = Vec::new();
+    let mut exact_f16_us = Vec::new();
+    let mut f16_error = Vec::new();
     let mut baselines_differ = 0f64;
+    // The f16 copies for the f16 exact baseline (none when it is not run).
+    let halves: Vec<(LayerF16, LayerF16)> = if args.no_exact || tokens > EXACT_F16_MAX_TOKENS {
+        Vec::new()
+    } else {
+        layers
+            .iter()
+            .zip(&extra_layers)
+            .map(|(p, e)| (LayerF16::of(p), LayerF16::of(e)))
+            .collect()
+    };
     // Runs `count` steps of every layer, each appending the next synthetic token.
     let mut run_steps =
         |engine: &Engine, id: u64, count: usize, mode: StepMode| -> Result<Vec<StepTelemetry>> {
@@ -619,25 +689,35 @@ fn run_context(
                     let (nk, nv) = (row(&extra_layers[l].keys), row(&extra_layers[l].values));
                     let step = engine.step(id, l, &q, &nk, &nv)?;
                     if mode == StepMode::CheckedAgainstExact && !args.no_exact {
-                        // Both baselines over the same KV and queries, each timed.
-                        let timed = |baseline: ExactBaseline, times: &mut Vec<f64>| {
+                        // Every baseline over the same KV and queries, each timed.
+                        let (n, scale) = (appended + 1, spec.softmax_scale[l]);
+                        let timed = |baseline: &dyn Fn() -> Vec<Vec<f32>>, times: &mut Vec<f64>| {
                             let t = Instant::now();
-                            let out = baseline(
-                                &layers[l],
-                                &extra_layers[l],
-                                appended + 1,
-                                &q,
-                                spec.softmax_scale[l],
-                            );
+                            let out = baseline();
                             times.push(t.elapsed().as_secs_f64() * 1e6);
                             out
                         };
-                        let exact = timed(exact_attention, &mut exact_us);
-                        let per_head =
-                            timed(exact_attention_per_query_head, &mut exact_per_head_us);
+                        let (prefill, extra) = (&layers[l], &extra_layers[l]);
+                        let exact = timed(
+                            &|| exact_attention(prefill, extra, n, &q, scale),
+                            &mut exact_us,
+                        );
+                        let per_head = timed(
+                            &|| exact_attention_per_query_head(prefill, extra, n, &q, scale),
+                            &mut exact_per_head_us,
+                        );
                         for ((h, e), p) in step.heads.iter().zip(&exact).zip(&per_head) {
                             errors.push(output_error(&h.output, e));
                             baselines_differ = baselines_differ.max(output_error(p, e));
+                        }
+                        if let Some((prefill, extra)) = halves.get(l) {
+                            let f16 = timed(
+                                &|| exact_attention(prefill, extra, n, &q, scale),
+                                &mut exact_f16_us,
+                            );
+                            for (x, e) in f16.iter().zip(&exact) {
+                                f16_error.push(output_error(x, e));
+                            }
                         }
                     }
                     out.push(step.telemetry);
@@ -791,6 +871,7 @@ fn run_context(
     let exact_p50 = (!exact_us.is_empty()).then(|| percentile(&exact_us, 0.5));
     let exact_per_head_p50 =
         (!exact_per_head_us.is_empty()).then(|| percentile(&exact_per_head_us, 0.5));
+    let exact_f16_p50 = (!exact_f16_us.is_empty()).then(|| percentile(&exact_f16_us, 0.5));
     let warm_p50 = warm_phase.step_us_p50;
     Ok(ContextResult {
         tokens,
@@ -807,26 +888,38 @@ fn run_context(
         exact_per_query_head_us_p50: exact_per_head_p50,
         speedup_vs_exact_per_query_head_warm_p50: exact_per_head_p50.map(|e| e / warm_p50),
         exact_baselines_max_difference: exact_p50.map(|_| baselines_differ),
+        exact_f16_us_p50: exact_f16_p50,
+        speedup_vs_exact_f16_warm_p50: exact_f16_p50.map(|e| e / warm_p50),
+        exact_f16_output_error_mean: (!f16_error.is_empty())
+            .then(|| f16_error.iter().sum::<f64>() / f16_error.len() as f64),
         output_error_vs_exact_mean: (!errors.is_empty())
             .then(|| errors.iter().sum::<f64>() / errors.len() as f64),
         fold,
         disk_probe,
         peak_rss_bytes: peak_rss(),
-        source_arrays_bytes: source_bytes,
+        // The f16 copies (K and V at 2 bytes, the prefill's and the appended rows').
+        source_arrays_bytes: source_bytes
+            + halves
+                .iter()
+                .flat_map(|(p, e)| [p, e])
+                .map(|x| {
+                    x.keys
+                        .iter()
+                        .chain(&x.values)
+                        .map(|h| h.len() as u64)
+                        .sum::<u64>()
+                })
+                .sum::<u64>(),
     })
 }
 
-/// Exact attention of all query heads over the prefill plus `appended` tokens (f32, both cores),
-/// one pass over K and V per KV head for its whole group of query heads (GQA): the baseline a
-/// careful CPU implementation gives. The prefill and the appended part are attended separately
+/// Exact attention of all query heads over the prefill plus `appended` tokens (f32 or f16 rows,
+/// both cores), one pass over K and V per KV head for its whole group of query heads (GQA): the
+/// baseline a careful CPU implementation gives. The prefill and the appended part are attended separately
 /// and merged by log-sum-exp, so nothing is copied.
-/// An exact-attention baseline: per query head, the output over the prefill and `appended`
-/// extra tokens.
-type ExactBaseline = fn(&Layer, &Layer, usize, &[f32], f32) -> Vec<Vec<f32>>;
-
-fn exact_attention(
-    prefill: &Layer,
-    extra: &Layer,
+fn exact_attention<L: ExactRows>(
+    prefill: &L,
+    extra: &L,
     appended: usize,
     q: &[f32],
     scale: f32,
@@ -838,9 +931,8 @@ fn exact_attention(
             let qs: Vec<&[f32]> = (h * group..(h + 1) * group)
                 .map(|qh| &q[qh * DIM..(qh + 1) * DIM])
                 .collect();
-            let n = appended * DIM;
-            let a = attend_group_f32(&prefill.keys[h], &prefill.values[h], &qs, scale, DIM);
-            let b = attend_group_f32(&extra.keys[h][..n], &extra.values[h][..n], &qs, scale, DIM);
+            let a = prefill.attend(h, None, &qs, scale);
+            let b = extra.attend(h, Some(appended), &qs, scale);
             a.into_iter()
                 .zip(b)
                 .map(|(x, y)| merge(&[x, y]).output)
