@@ -74,8 +74,8 @@ struct KeyHasher(u64);
 impl std::hash::Hasher for KeyHasher {
     /// Folds the high half into the low: a product's low bits depend only on its inputs' low
     /// bits, and lists start on page boundaries, so without the fold every list of a file had
-    /// the same low 12 bits, which are where the table looks first (4,096 lists shared 128 home
-    /// buckets and each lookup walked a long probe chain).
+    /// the same low 12 bits, which are where the table looks first (the 32,768 lists of eight
+    /// files shared 128 home buckets and each lookup walked a long probe chain).
     fn finish(&self) -> u64 {
         self.0 ^ (self.0 >> 32)
     }
