@@ -121,6 +121,9 @@ pub struct StepTelemetry {
     pub attention_ns: u64,
     /// `search_ns` by phase, summed over heads.
     pub search_phases: SearchPhases,
+    /// Bytes the searches read, summed over query heads and indexes
+    /// ([`strata_index::search::SearchStats::bytes_read`]).
+    pub search_bytes: u64,
     /// A fold of this layer's tail was running in the background during the step.
     pub folding: bool,
     /// Delta indexes searched besides the base index.
@@ -572,6 +575,7 @@ impl Session {
                         tel.search_ns += s.search_ns;
                         tel.io_ns += s.io_ns;
                         tel.search_phases.add(&s.phases);
+                        tel.search_bytes += s.bytes_read();
                         tel.lists_from_ram += s.lists_from_ram;
                         tel.lists_from_ssd += s.lists_read - s.lists_from_ram;
                         tel.ssd_bytes += s.ssd_bytes;
@@ -629,6 +633,7 @@ impl Session {
                     tel.search_ns += t.search_ns;
                     tel.io_ns += t.io_ns;
                     tel.search_phases.add(&t.search_phases);
+                    tel.search_bytes += t.search_bytes;
                     tel.attention_ns += t.attention_ns;
                 }
                 Err(e) => {

@@ -61,6 +61,19 @@ pub struct SearchStats {
     pub phases: SearchPhases,
 }
 
+impl SearchStats {
+    /// Bytes the search and its attention read, as issue #3 counts them: centroids, key codes,
+    /// the estimate's statistics, the full keys scored and the values attended (not the whole
+    /// lists the tiers moved to deliver those rows: `list_bytes`).
+    pub fn bytes_read(&self) -> u64 {
+        self.centroid_bytes
+            + self.code_bytes
+            + self.estimate_bytes
+            + self.key_bytes
+            + self.value_bytes
+    }
+}
+
 /// Time of one search by phase, in nanoseconds; with `io_ns` they make up `search_ns` (less a
 /// little bookkeeping between phases).
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]

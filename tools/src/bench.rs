@@ -338,6 +338,10 @@ struct Phase {
     /// `search_us_per_head` by phase (µs per query head; I/O is `io_us_per_head`).
     search_phases_us_per_head: PhasesUs,
     tokens_attended_per_head: f64,
+    /// Bytes the searches read per step (centroids, codes, estimate statistics, full keys
+    /// scored, values attended), summed over query heads: each head counts what it touched,
+    /// even where a head of its group touched it first.
+    search_bytes_per_step: f64,
 }
 
 /// [`strata_index::SearchPhases`] in µs per query head.
@@ -546,6 +550,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!(
             "{:>8}   warm search per query head: {:.0} us = centroids {:.0} + codes {:.0} + select {:.0} + re-rank {:.0} + estimate {:.0} + gather {:.0} + lists {:.0}",
             "", w.search_us_per_head, ph.centroids, ph.codes, ph.select, ph.rerank, ph.estimate, ph.gather, w.io_us_per_head
+        );
+        println!(
+            "{:>8}   warm searches read {:.1} MB per step ({:.2} GB/s at the warm p50)",
+            "",
+            w.search_bytes_per_step / 1e6,
+            w.search_bytes_per_step / w.step_us_p50 / 1e3
         );
         for t in &r.tier_limited {
             println!(
@@ -757,6 +767,7 @@ fn run_context(
             ram_hit_rate: ram,
             prefetch_hit_rate: pre,
             search_us_per_head: t.iter().map(|x| x.search_ns as f64).sum::<f64>() / heads / 1e3,
+            search_bytes_per_step: t.iter().map(|x| x.search_bytes as f64).sum::<f64>() / n,
             attention_us_per_head: t.iter().map(|x| x.attention_ns as f64).sum::<f64>()
                 / heads
                 / 1e3,

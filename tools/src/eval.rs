@@ -605,10 +605,9 @@ fn score_query(
 
     let s = &r.stats;
     let kv_bytes = (visible * dim * 2 * 2) as f64;
-    // Bytes the search and the attention read (the definition): centroids, key codes,
-    // the estimate's statistics, the full keys scored and the values attended. The whole lists
-    // strata's tiers moved to get those rows are reported apart (`list_bytes_fraction`).
-    let bytes = s.centroid_bytes + s.code_bytes + s.estimate_bytes + s.key_bytes + s.value_bytes;
+    // The whole lists strata's tiers moved to get the rows read are reported apart
+    // (`list_bytes_fraction`).
+    let bytes = s.bytes_read();
     let mut ids: Vec<u32> = (0..visible as u32)
         .filter(|&t| attended[t as usize])
         .collect();
