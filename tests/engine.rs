@@ -204,6 +204,13 @@ fn default_budget_is_close_to_exact_and_reports_tiers() {
         let t = out.telemetry;
         assert!(t.retrieved_tokens <= (0.02 * PREFILL as f64) as u64 * d.meta.q_heads as u64);
         assert_eq!(t.tokens_attended, t.static_tokens + t.retrieved_tokens);
+        // The searches read at least the f16 key and value of every token they returned.
+        assert!(
+            t.search_bytes >= t.retrieved_tokens * 64 * 2 * 2,
+            "{} bytes read for {} tokens",
+            t.search_bytes,
+            t.retrieved_tokens
+        );
         ssd += t.lists_from_ssd;
         ram += t.lists_from_ram;
         for qh in 0..d.meta.q_heads {
