@@ -725,6 +725,39 @@ fn index_written_by_format_version_1_opens_and_searches_exactly() {
     }
 }
 
+/// An index from a newer format version is refused, and the error names every version this
+/// build reads (the current one and version 1).
+#[test]
+fn an_index_of_a_newer_format_version_is_refused_naming_the_versions_read() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["index.strata", "layer-003.seg"] {
+        std::fs::copy(fixtures.join("index-v1").join(name), tmp.path().join(name)).unwrap();
+    }
+    let manifest = tmp.path().join("index.strata");
+    let mut bytes = std::fs::read(&manifest).unwrap();
+    // The footer's version word: 12 bytes into the 24-byte footer.
+    let at = bytes.len() - 24 + 12;
+    let newer = strata_index::manifest::INDEX_VERSION + 1;
+    bytes[at..at + 4].copy_from_slice(&newer.to_le_bytes());
+    std::fs::write(&manifest, &bytes).unwrap();
+    let e = open(tmp.path())
+        .err()
+        .expect("a newer version is refused")
+        .to_string();
+    assert!(
+        e.contains(&format!("unsupported format version {newer}")),
+        "{e}"
+    );
+    assert!(
+        e.contains(&format!(
+            "reads versions 1 to {}",
+            strata_index::manifest::INDEX_VERSION
+        )),
+        "{e}"
+    );
+}
+
 /// Recall@100 of strata at a small probe over every 8th evaluation query of every head.
 fn recall_at_probe(dump: &KvDump, index: &Index, probe_fraction: f32) -> f64 {
     let params = SearchParams {

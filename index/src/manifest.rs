@@ -200,33 +200,30 @@ impl MappedManifest {
             path: path.clone(),
             problem: format!("manifest fails validation: {e}"),
         };
-        match footer::check_whole(&path, &mmap, INDEX_MAGIC, INDEX_VERSION) {
-            Ok(payload) => {
-                let payload_len = payload.len();
-                rkyv::access::<ArchivedManifest, rancor::Error>(payload).map_err(invalid)?;
-                Ok(MappedManifest {
-                    path,
-                    backing: Backing::Mapped(mmap),
-                    payload_len,
-                })
-            }
-            Err(strata_storage::StorageError::Version { found: 1, .. }) => {
-                let payload = footer::check_whole(&path, &mmap, INDEX_MAGIC, 1)?;
-                let upgraded = crate::manifest_v1::upgrade(payload).map_err(invalid)?;
-                let bytes = rkyv::to_bytes::<rancor::Error>(&upgraded).map_err(invalid)?;
-                rkyv::access::<ArchivedManifest, rancor::Error>(&bytes).map_err(invalid)?;
-                log::info!(
-                    "{}: index format version 1, upgraded in memory (rebuild to write version {INDEX_VERSION})",
-                    path.display()
-                );
-                Ok(MappedManifest {
-                    path,
-                    payload_len: bytes.len(),
-                    backing: Backing::Upgraded(bytes),
-                })
-            }
-            Err(e) => Err(e.into()),
+        let (payload, version) =
+            footer::check_whole_of_versions(&path, &mmap, INDEX_MAGIC, 1..=INDEX_VERSION)?;
+        if version == INDEX_VERSION {
+            let payload_len = payload.len();
+            rkyv::access::<ArchivedManifest, rancor::Error>(payload).map_err(invalid)?;
+            return Ok(MappedManifest {
+                path,
+                backing: Backing::Mapped(mmap),
+                payload_len,
+            });
         }
+        // Version 1: f32 centroids and value sums, no metric.
+        let upgraded = crate::manifest_v1::upgrade(payload).map_err(invalid)?;
+        let bytes = rkyv::to_bytes::<rancor::Error>(&upgraded).map_err(invalid)?;
+        rkyv::access::<ArchivedManifest, rancor::Error>(&bytes).map_err(invalid)?;
+        log::info!(
+            "{}: index format version {version}, upgraded in memory (rebuild to write version {INDEX_VERSION})",
+            path.display()
+        );
+        Ok(MappedManifest {
+            path,
+            payload_len: bytes.len(),
+            backing: Backing::Upgraded(bytes),
+        })
     }
 
     fn bytes(&self) -> &[u8] {
