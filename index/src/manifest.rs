@@ -211,7 +211,9 @@ impl MappedManifest {
                 payload_len,
             });
         }
-        // Version 1: f32 centroids and value sums, no metric.
+        // Version 1: f32 centroids and value sums, no metric. A new version must decide what
+        // happens to version 2 here first.
+        const _: () = assert!(INDEX_VERSION == 2, "upgrade version 2 manifests in memory");
         let upgraded = crate::manifest_v1::upgrade(payload).map_err(invalid)?;
         let bytes = rkyv::to_bytes::<rancor::Error>(&upgraded).map_err(invalid)?;
         rkyv::access::<ArchivedManifest, rancor::Error>(&bytes).map_err(invalid)?;

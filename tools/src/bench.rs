@@ -137,6 +137,14 @@ impl LayerF16 {
             values: halve(&layer.values),
         }
     }
+
+    fn bytes(&self) -> u64 {
+        self.keys
+            .iter()
+            .chain(&self.values)
+            .map(|h| h.len() as u64)
+            .sum()
+    }
 }
 
 /// K and V of one layer, per KV head, that exact attention can run over.
@@ -908,26 +916,18 @@ fn run_context(
         fold,
         disk_probe,
         peak_rss_bytes: peak_rss(),
-        // The f16 copies (K and V at 2 bytes, the prefill's and the appended rows').
         source_arrays_bytes: source_bytes
             + halves
                 .iter()
-                .flat_map(|(p, e)| [p, e])
-                .map(|x| {
-                    x.keys
-                        .iter()
-                        .chain(&x.values)
-                        .map(|h| h.len() as u64)
-                        .sum::<u64>()
-                })
+                .map(|(p, e)| p.bytes() + e.bytes())
                 .sum::<u64>(),
     })
 }
 
 /// Exact attention of all query heads over the prefill plus `appended` tokens (f32 or f16 rows,
 /// both cores), one pass over K and V per KV head for its whole group of query heads (GQA): the
-/// baseline a careful CPU implementation gives. The prefill and the appended part are attended separately
-/// and merged by log-sum-exp, so nothing is copied.
+/// baseline a careful CPU implementation gives. The prefill and the appended part are attended
+/// separately and merged by log-sum-exp, so nothing is copied.
 fn exact_attention<L: ExactRows>(
     prefill: &L,
     extra: &L,
