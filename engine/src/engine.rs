@@ -265,13 +265,7 @@ impl Engine {
                 // A tail belongs to the index it extends: once a new one is built, the old
                 // tail is set aside and the session starts from its prefill.
                 if tail_path.exists() {
-                    let aside = dir.join(format!("{TAIL_FILE}.unusable"));
-                    log::warn!(
-                        "{}: written over another index; moved to {}",
-                        tail_path.display(),
-                        aside.display()
-                    );
-                    std::fs::rename(&tail_path, &aside)
+                    set_tail_aside(&tail_path, "written over another index")
                         .map_err(|e| folder_err(&tail_path, e.to_string()))?;
                 }
                 Index::open(&index_dir, self.reader, self.cache.clone())?
@@ -310,13 +304,7 @@ impl Engine {
             if let Err(e) = load_tail(&session, &tail_path) {
                 // A tail that cannot be restored must not lock the context out for good: keep
                 // it aside for inspection and continue from the prefill.
-                let aside = dir.join(format!("{TAIL_FILE}.unusable"));
-                log::warn!(
-                    "{}: {e}; moved to {} and continuing from the prefill",
-                    tail_path.display(),
-                    aside.display()
-                );
-                let _ = std::fs::rename(&tail_path, &aside);
+                let _ = set_tail_aside(&tail_path, &format!("{e}; continuing from the prefill"));
                 for layer in &session.layers {
                     let mut st = layer.lock().unwrap_or_else(|p| p.into_inner());
                     st.len = n;
@@ -494,6 +482,18 @@ impl Engine {
     }
 }
 
+/// Moves a tail that cannot extend the session's index out of the way, kept for inspection
+/// (one at a time: a later one replaces it).
+fn set_tail_aside(tail_path: &Path, why: &str) -> std::io::Result<()> {
+    let aside = tail_path.with_file_name(format!("{TAIL_FILE}.unusable"));
+    log::warn!(
+        "{}: {why}; moved to {}",
+        tail_path.display(),
+        aside.display()
+    );
+    std::fs::rename(tail_path, &aside)
+}
+
 /// Removes what nothing will read from a session's folder, which would otherwise count against
 /// the disk budget for good: delta indexes the session's state does not use (folded by a
 /// session dropped before its tail was saved, or extending a tail that was set aside) and build
@@ -616,19 +616,15 @@ fn save_tail(s: &Session, path: &Path) -> EngineResult<()> {
     for layer in &s.layers {
         let st = layer.lock().unwrap_or_else(|p| p.into_inner());
         let dim = s.spec.head_dim;
+        let queries: Vec<Vec<f32>> = st.recent_queries.iter().map(|r| r.oldest_first()).collect();
         header.layers.push(TailLayer {
             len: st.len,
             folded_upto: st.folded_upto,
             deltas: st.deltas.iter().map(|d| (d.start, d.len)).collect(),
-            query_rows: st
-                .recent_queries
-                .iter()
-                .map(|r| r.oldest_first().len() / dim.max(1))
-                .collect(),
+            query_rows: queries.iter().map(|q| q.len() / dim.max(1)).collect(),
         });
-        for h in 0..s.spec.kv_heads {
-            let queries = st.recent_queries[h].oldest_first();
-            for v in st.tail.k[h].iter().chain(&st.tail.v[h]).chain(&queries) {
+        for (h, q) in queries.iter().enumerate() {
+            for v in st.tail.k[h].iter().chain(&st.tail.v[h]).chain(q) {
                 rows.extend_from_slice(&v.to_le_bytes());
             }
         }

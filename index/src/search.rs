@@ -261,26 +261,11 @@ impl Index {
                         path: manifest.path().to_path_buf(),
                         problem: format!("head {i} names segment {seg}, which does not exist"),
                     })?;
-            let kv = m.source.kv_heads.to_native() as usize;
-            check_head(h, file_len)
-                .and_then(|()| {
-                    let (slot, kvh) = (
-                        h.layer_slot.to_native() as usize,
-                        h.kv_head.to_native() as usize,
-                    );
-                    if (slot, kvh) != (i / kv.max(1), i % kv.max(1)) {
-                        return Err(format!(
-                            "names layer slot {slot}, KV head {kvh}; its place says {}, {}",
-                            i / kv.max(1),
-                            i % kv.max(1)
-                        ));
-                    }
-                    Ok(())
-                })
-                .map_err(|problem| IndexError::Open {
-                    path: manifest.path().to_path_buf(),
-                    problem: format!("head {i}: {problem}"),
-                })?;
+            let kv = (m.source.kv_heads.to_native() as usize).max(1);
+            check_head(h, file_len, (i / kv, i % kv)).map_err(|problem| IndexError::Open {
+                path: manifest.path().to_path_buf(),
+                problem: format!("head {i}: {problem}"),
+            })?;
         }
         let list_bounds: Vec<Option<Vec<(u32, u32)>>> = manifest
             .get()
@@ -1663,9 +1648,14 @@ pub fn parse_list(buf: &[u8], list_id: u32, dim: usize) -> Result<ListView<'_>, 
     })
 }
 
-/// Structural checks of one head's manifest entry (lengths agree, lists inside the segment), so
-/// that search never indexes out of bounds on a damaged or hand-edited manifest.
-fn check_head(h: &ArchivedHeadManifest, segment_len: u64) -> Result<(), String> {
+/// Structural checks of one head's manifest entry (lengths agree, lists inside the segment, the
+/// head at its place `(layer slot, KV head)` in layer-by-KV-head order), so that search never
+/// indexes out of bounds on a damaged or hand-edited manifest.
+fn check_head(
+    h: &ArchivedHeadManifest,
+    segment_len: u64,
+    place: (usize, usize),
+) -> Result<(), String> {
     let dim = h.dim.to_native() as usize;
     let lists = h.lists.len();
     let tokens = h.tokens.to_native() as usize;
@@ -1760,6 +1750,16 @@ fn check_head(h: &ArchivedHeadManifest, segment_len: u64) -> Result<(), String> 
         {
             return Err("second level is inconsistent".into());
         }
+    }
+    let named = (
+        h.layer_slot.to_native() as usize,
+        h.kv_head.to_native() as usize,
+    );
+    if named != place {
+        return Err(format!(
+            "names layer slot {}, KV head {}; its place says {}, {}",
+            named.0, named.1, place.0, place.1
+        ));
     }
     Ok(())
 }

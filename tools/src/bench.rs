@@ -83,9 +83,9 @@ pub struct BenchArgs {
     no_exact: bool,
 }
 
-/// Removes what earlier runs appended to the sessions under `root` (their tails and delta
-/// indexes), keeping each base index: the next session over the same context starts from the
-/// prefill, as with a fresh build.
+/// Removes what earlier runs appended to the sessions under `root` (their tails), keeping each
+/// base index: the next session over the same context starts from the prefill, as with a fresh
+/// build, and the engine removes the delta indexes that no tail lists any more when it opens.
 fn forget_appended_tokens(root: &std::path::Path) -> Result<()> {
     for session in std::fs::read_dir(root)? {
         let session = session?.path();
@@ -95,14 +95,10 @@ fn forget_appended_tokens(root: &std::path::Path) -> Result<()> {
         for entry in std::fs::read_dir(&session)? {
             let path = entry?.path();
             let name = path.file_name().unwrap_or_default().to_string_lossy();
-            if name.starts_with("delta-") {
-                std::fs::remove_dir_all(&path)
-            } else if name.starts_with("tail.strata") {
+            if name.starts_with("tail.strata") {
                 std::fs::remove_file(&path)
-            } else {
-                continue;
+                    .with_context(|| format!("cannot remove {}", path.display()))?;
             }
-            .with_context(|| format!("cannot remove {}", path.display()))?;
         }
     }
     Ok(())
