@@ -685,17 +685,37 @@ fn target_mass_attends_within_the_cap_and_less_for_an_easy_target() {
     assert!(e.to_string().contains("static log-sum-exp"), "{e}");
 }
 
-/// An index written by format version 1 (the previous `index.strata` layout: f32 centroids and
-/// value sums, no query metric), committed under `fixtures/index-v1` with the tiny dump it was
-/// built from (160 tokens of layer 3 of the SmolLM2 dump). It must open and answer exactly.
+/// An index written by format version 1 (f32 centroids and value sums, no query metric),
+/// committed under `fixtures/index-v1` with the tiny dump it was built from (160 tokens of
+/// layer 3 of the SmolLM2 dump). It must open and answer exactly.
 #[test]
 fn index_written_by_format_version_1_opens_and_searches_exactly() {
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
-    let dump = KvDump::open(&fixtures.join("tiny-smollm2.safetensors")).expect("open tiny dump");
-    let index = open(&fixtures.join("index-v1")).expect("a version-1 index opens");
+    let index = opens_and_searches_exactly("index-v1");
     let m = index.manifest();
     assert!(!m.build.query_aware, "version 1 knew no query metric");
     assert!(m.heads.iter().all(|h| h.metric_queries == 0));
+    // Upgraded in memory to the current centroid codes.
+    assert_eq!(
+        index.centroid_code_bits(),
+        strata_index::manifest::CENTROID_CODE_BITS
+    );
+}
+
+/// An index written by format version 2 (8-bit centroid codes), committed under
+/// `fixtures/index-v2`, built from the same tiny dump: it opens as it is and answers exactly.
+#[test]
+fn index_written_by_format_version_2_opens_and_searches_exactly() {
+    let index = opens_and_searches_exactly("index-v2");
+    assert_eq!(index.centroid_code_bits(), 8);
+    assert!(index.manifest().build.query_aware);
+}
+
+/// Opens the fixture index `name` and checks that a search attending everything returns every
+/// visible, non-static token with its exact score and value.
+fn opens_and_searches_exactly(name: &str) -> Index {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let dump = KvDump::open(&fixtures.join("tiny-smollm2.safetensors")).expect("open tiny dump");
+    let index = open(&fixtures.join(name)).expect("the fixture index opens");
     let params = attend_everything();
     let dim = dump.meta.head_dim;
     for qh in 0..dump.meta.q_heads {
@@ -709,13 +729,13 @@ fn index_written_by_format_version_1_opens_and_searches_exactly() {
                 .collect();
             let mut got = r.tokens.clone();
             got.sort_unstable();
-            assert_eq!(got, expect, "head {qh} query {qi}");
+            assert_eq!(got, expect, "{name}: head {qh} query {qi}");
             let keys = dump.keys.slice2(0, kvh);
             let values = r.values.as_ref().unwrap();
             for (i, (t, s)) in r.tokens.iter().zip(&r.scores).enumerate() {
                 let t = *t as usize;
                 let e = dot(&keys[t * dim..(t + 1) * dim], q);
-                assert!((e - s).abs() <= 1e-3 * (1.0 + e.abs()), "token {t}");
+                assert!((e - s).abs() <= 1e-3 * (1.0 + e.abs()), "{name}: token {t}");
                 assert_eq!(
                     &values[i * dim..(i + 1) * dim],
                     &dump.values.slice2(0, kvh)[t * dim..(t + 1) * dim]
@@ -723,10 +743,11 @@ fn index_written_by_format_version_1_opens_and_searches_exactly() {
             }
         }
     }
+    index
 }
 
 /// An index from a newer format version is refused, and the error names every version this
-/// build reads (the current one and version 1).
+/// build reads (version 1 to the current one).
 #[test]
 fn an_index_of_a_newer_format_version_is_refused_naming_the_versions_read() {
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");

@@ -13,10 +13,12 @@ use crate::IndexError;
 
 pub const INDEX_FILE: &str = "index.strata";
 pub const INDEX_MAGIC: [u8; 8] = *b"STRIDX\0\x01";
-/// Version 2: centroids as 8-bit codes (v1: f32), per-list and per-group mean values as f16
-/// (v1: f32 list sums), the query-aware metric recorded per head and in the build parameters.
-/// Version 1 indexes still open (see `manifest_v1`).
-pub const INDEX_VERSION: u32 = 2;
+/// Version 3: centroids as 4-bit codes ([`CENTROID_CODE_BITS`]) in the archive layout of
+/// version 2. Version 2: centroids as 8-bit codes (v1: f32), per-list and per-group mean
+/// values as f16 (v1: f32 list sums), the query-aware metric recorded per head and in the build
+/// parameters. Version 2 indexes open as they are, version 1 indexes are upgraded in memory
+/// (see `manifest_v1`).
+pub const INDEX_VERSION: u32 = 3;
 
 /// Bytes before a posting list's ids: magic, list id, member count, dimension.
 pub const LIST_HEADER_BYTES: usize = 16;
@@ -55,9 +57,10 @@ pub struct HeadManifest {
     pub dim: u32,
     /// Index into `Manifest::segments`.
     pub segment: u32,
-    /// `lists × dim` centroids (means of the primary members) as 8-bit codes of the quantiser
-    /// `centroid_lo`/`centroid_step`: search only ranks lists by them, and a quarter of the f32
-    /// bytes is a quarter of the centroid traffic of every query.
+    /// `lists` centroids (means of the primary members) as packed codes of the quantiser
+    /// `centroid_lo`/`centroid_step`, [`CENTROID_CODE_BITS`] per dimension (8 in version 2):
+    /// search only ranks lists by them, and the fewer bytes, the less centroid traffic every
+    /// query has.
     pub centroid_codes: Vec<u8>,
     pub centroid_lo: Vec<f32>,
     pub centroid_step: Vec<f32>,
@@ -68,8 +71,8 @@ pub struct HeadManifest {
     pub max_key_norm: Vec<f32>,
     /// Largest distance of a primary member from its centroid.
     pub radius: Vec<f32>,
-    /// Second level (empty when the head has few lists): `groups × dim` centroids (8-bit codes,
-    /// same quantiser), the list ids ordered by group, and `groups + 1` offsets into that order.
+    /// Second level (empty when the head has few lists): `groups` centroids (codes of the same
+    /// quantiser), the list ids ordered by group, and `groups + 1` offsets into that order.
     pub group_centroid_codes: Vec<u8>,
     /// `groups × dim` mean value of each group's primary members (f16 bits), so that the
     /// remainder estimate stands for a whole unexpanded group with one term. Empty when the
@@ -116,11 +119,16 @@ pub fn u16s(v: &rkyv::vec::ArchivedVec<rend::u16_le>) -> &[u16] {
     bytemuck::cast_slice(v.as_slice())
 }
 
-/// Bits of the centroid codes.
-pub const CENTROID_CODE_BITS: u32 = 8;
+/// Bits of the centroid codes this version writes. Search only ranks lists by their
+/// centroids: on the shared dumps 4-bit codes rank them as well as 8-bit ones (recall@100 and
+/// covered mass within 0.001) and halve the centroid bytes every query reads.
+pub const CENTROID_CODE_BITS: u32 = 4;
 
-/// The 8-bit centroid codes of a head: one quantiser fitted to the list and group centroids
-/// together (`dim`-wide rows), and the codes of each.
+/// Bits of the centroid codes of a version-2 index.
+const V2_CENTROID_CODE_BITS: u32 = 8;
+
+/// The centroid codes of a head ([`CENTROID_CODE_BITS`] each): one quantiser fitted to the list
+/// and group centroids together (`dim`-wide rows), and the codes of each.
 pub fn encode_centroids(
     centroids: &[f32],
     group_centroids: &[f32],
@@ -181,6 +189,8 @@ pub struct MappedManifest {
     path: PathBuf,
     backing: Backing,
     payload_len: usize,
+    /// Bits of its centroid codes: those of the version it was written in.
+    centroid_code_bits: u32,
 }
 
 impl MappedManifest {
@@ -202,18 +212,25 @@ impl MappedManifest {
         };
         let (payload, version) =
             footer::check_whole_of_versions(&path, &mmap, INDEX_MAGIC, 1..=INDEX_VERSION)?;
-        if version == INDEX_VERSION {
+        // Versions 2 and 3 share one layout and differ in the centroid codes' bits.
+        let centroid_code_bits = match version {
+            2 => Some(V2_CENTROID_CODE_BITS),
+            INDEX_VERSION => Some(CENTROID_CODE_BITS),
+            _ => None,
+        };
+        if let Some(centroid_code_bits) = centroid_code_bits {
             let payload_len = payload.len();
             rkyv::access::<ArchivedManifest, rancor::Error>(payload).map_err(invalid)?;
             return Ok(MappedManifest {
                 path,
                 backing: Backing::Mapped(mmap),
                 payload_len,
+                centroid_code_bits,
             });
         }
         // Version 1: f32 centroids and value sums, no metric. A new version must decide what
-        // happens to version 2 here first.
-        const _: () = assert!(INDEX_VERSION == 2, "upgrade version 2 manifests in memory");
+        // happens to version 3 here first.
+        const _: () = assert!(INDEX_VERSION == 3, "decide how version 3 manifests open");
         let upgraded = crate::manifest_v1::upgrade(payload).map_err(invalid)?;
         let bytes = rkyv::to_bytes::<rancor::Error>(&upgraded).map_err(invalid)?;
         rkyv::access::<ArchivedManifest, rancor::Error>(&bytes).map_err(invalid)?;
@@ -225,6 +242,7 @@ impl MappedManifest {
             path,
             payload_len: bytes.len(),
             backing: Backing::Upgraded(bytes),
+            centroid_code_bits: CENTROID_CODE_BITS,
         })
     }
 
@@ -237,6 +255,11 @@ impl MappedManifest {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Bits of each centroid code (8 in version 2, 4 since version 3).
+    pub fn centroid_code_bits(&self) -> u32 {
+        self.centroid_code_bits
     }
 
     pub fn get(&self) -> &ArchivedManifest {

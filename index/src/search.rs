@@ -24,7 +24,7 @@ use strata_storage::segment::{ListLocation, SegmentFile};
 use crate::codes::{CodeQuery, ScalarQuantizer, CODE_BLOCK};
 use crate::linalg::{dot_f16_bytes, f16_bytes_to_f32, top_k_indices};
 use crate::manifest::{f32s, u16s, u32s, ArchivedHeadManifest, ArchivedManifest, MappedManifest};
-use crate::manifest::{CENTROID_CODE_BITS, LIST_HEADER_BYTES, LIST_MAGIC};
+use crate::manifest::{LIST_HEADER_BYTES, LIST_MAGIC};
 use crate::params::SearchParams;
 use crate::{IndexError, IndexResult};
 
@@ -262,9 +262,12 @@ impl Index {
                         problem: format!("head {i} names segment {seg}, which does not exist"),
                     })?;
             let kv = (m.source.kv_heads.to_native() as usize).max(1);
-            check_head(h, file_len, (i / kv, i % kv)).map_err(|problem| IndexError::Open {
-                path: manifest.path().to_path_buf(),
-                problem: format!("head {i}: {problem}"),
+            let place = (i / kv, i % kv);
+            check_head(h, file_len, place, manifest.centroid_code_bits()).map_err(|problem| {
+                IndexError::Open {
+                    path: manifest.path().to_path_buf(),
+                    problem: format!("head {i}: {problem}"),
+                }
             })?;
         }
         let list_bounds: Vec<Option<Vec<(u32, u32)>>> = manifest
@@ -342,6 +345,11 @@ impl Index {
     /// index holds outside the RAM tier.
     pub fn mapped_bytes(&self) -> usize {
         self.manifest.mapped_bytes()
+    }
+
+    /// Bits of each centroid code of this index (set by the version it was written in).
+    pub fn centroid_code_bits(&self) -> u32 {
+        self.manifest.centroid_code_bits()
     }
 
     pub fn manifest(&self) -> &ArchivedManifest {
@@ -621,12 +629,13 @@ impl Index {
 
         // 1. Lists to probe, best centroid first.
         let centroid_codes = head.centroid_codes.as_slice();
-        let ccq = ScalarQuantizer {
-            bits: CENTROID_CODE_BITS,
+        let csq = ScalarQuantizer {
+            bits: self.manifest.centroid_code_bits(),
             lo: f32s(&head.centroid_lo).to_vec(),
             step: f32s(&head.centroid_step).to_vec(),
-        }
-        .query(q);
+        };
+        let centroid_code_bytes = csq.code_bytes();
+        let ccq = csq.query(q);
         let n_lists = head.lists.len();
         let primary_start = u32s(&head.primary_start);
         let primary_tokens = u32s(&head.primary_tokens);
@@ -640,7 +649,10 @@ impl Index {
             let gc = head.group_centroid_codes.as_slice();
             let gstart = u32s(&head.group_start);
             let glists = u32s(&head.group_lists);
-            let gscores: Vec<f32> = gc.chunks_exact(dim).map(|c| ccq.score(c)).collect();
+            let gscores: Vec<f32> = gc
+                .chunks_exact(centroid_code_bytes)
+                .map(|c| ccq.score(c))
+                .collect();
             stats.centroids_scored += gscores.len() as u64;
             let mut order: Vec<u32> = (0..gscores.len() as u32).collect();
             order.sort_unstable_by(|&a, &b| gscores[b as usize].total_cmp(&gscores[a as usize]));
@@ -666,13 +678,14 @@ impl Index {
         let mut lscores: Vec<(f32, u32)> = candidate_lists
             .iter()
             .map(|&l| {
-                let c = &centroid_codes[l as usize * dim..(l as usize + 1) * dim];
+                let at = l as usize * centroid_code_bytes;
+                let c = &centroid_codes[at..at + centroid_code_bytes];
                 (ccq.score(c), l)
             })
             .collect();
         stats.centroids_scored += lscores.len() as u64;
-        // One byte per dimension per centroid, plus the quantiser.
-        stats.centroid_bytes = (stats.centroids_scored + 8) * dim as u64;
+        // The codes of every centroid scored, plus the quantiser (two f32 per dimension).
+        stats.centroid_bytes = stats.centroids_scored * centroid_code_bytes as u64 + 8 * dim as u64;
         // Only the lists about to be probed need an order: sort a generous prefix (twice the
         // lists the probe target needs at the mean list size), the rest only if probing gets
         // that far. The remainder estimate reads the rest in any order.
@@ -841,7 +854,14 @@ impl Index {
         let views = bufs
             .iter()
             .zip(&need)
-            .map(|(buf, &l)| {
+            .enumerate()
+            .map(|(i, (buf, &l))| {
+                // Each header (and the ids after it) is a cache miss of its own: ask for the
+                // next ones while this one is checked.
+                if let Some(ahead) = bufs.get(i + PREFETCH_LISTS_AHEAD) {
+                    // The header and the first 32 ids.
+                    crate::simd::prefetch(&ahead[..ahead.len().min(LIST_HEADER_BYTES + 128)]);
+                }
                 parse_list(buf, l, dim).map_err(|problem| IndexError::Open {
                     path: self.segments[head.segment.to_native() as usize]
                         .path()
@@ -1236,6 +1256,10 @@ impl EstimateContext<'_> {
     }
 }
 
+/// How many lists ahead re-ranking prefetches list headers while it checks them. Not tuned: the
+/// 184 headers of a 128K query head took 14–25 µs to check without it, about one miss each.
+const PREFETCH_LISTS_AHEAD: usize = 4;
+
 /// How many rows ahead re-ranking and the value gather prefetch: enough to cover a DRAM miss
 /// with the arithmetic of the rows in between (measured in `strata bench decode`).
 const PREFETCH_ROWS_AHEAD: usize = 8;
@@ -1536,16 +1560,28 @@ pub fn combine_terms<'m>(
     let listed: f64 = weight.iter().map(|w| w.0).sum();
     let floor = epsilon * listed / weight.len().max(1) as f64;
     weight.retain(|w| w.0 >= floor && w.0 > 0.0);
-    weight.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    // Heaviest first. Usually a fraction of the lists reaches `1 − epsilon`: order only a head
+    // that likely holds them, and the rest only if it does not (the same order as a full sort).
+    let heaviest_first = |a: &(f64, u32), b: &(f64, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+    let mut sorted_upto = (64 + weight.len() / 4).min(weight.len());
+    if sorted_upto < weight.len() {
+        weight.select_nth_unstable_by(sorted_upto, heaviest_first);
+    }
+    weight[..sorted_upto].sort_unstable_by(heaviest_first);
     let keep_until = (1.0 - epsilon) * listed;
     let mut out = vec![0f64; dim];
     let mut mean = Vec::with_capacity(dim);
     let mut kept = 0f64;
     let mut read = 0;
-    for (i, &(w, l)) in weight.iter().enumerate() {
+    for i in 0..weight.len() {
         if kept > 0.0 && kept >= keep_until {
             break;
         }
+        if i == sorted_upto {
+            weight[sorted_upto..].sort_unstable_by(heaviest_first);
+            sorted_upto = weight.len();
+        }
+        let (w, l) = weight[i];
         // The means lie scattered over the manifest: ask for the next ones early.
         if let Some(ahead) = weight
             .get(i + PREFETCH_ROWS_AHEAD)
@@ -1655,6 +1691,7 @@ fn check_head(
     h: &ArchivedHeadManifest,
     segment_len: u64,
     place: (usize, usize),
+    centroid_code_bits: u32,
 ) -> Result<(), String> {
     let dim = h.dim.to_native() as usize;
     let lists = h.lists.len();
@@ -1664,8 +1701,12 @@ fn check_head(
         return Err(format!("dim {dim} / code bits {bits} invalid"));
     }
     let code_bytes = dim.div_ceil(8 / bits as usize);
+    let centroid_code_bytes = dim.div_ceil(8 / centroid_code_bits as usize);
     let checks = [
-        (h.centroid_codes.len() == lists * dim, "centroid codes"),
+        (
+            h.centroid_codes.len() == lists * centroid_code_bytes,
+            "centroid codes",
+        ),
         (
             h.centroid_lo.len() == dim && h.centroid_step.len() == dim,
             "centroid quantiser",
@@ -1741,7 +1782,7 @@ fn check_head(
         let g = h.group_start.len().saturating_sub(1);
         let gs = u32s(&h.group_start);
         if g == 0
-            || h.group_centroid_codes.len() != g * dim
+            || h.group_centroid_codes.len() != g * centroid_code_bytes
             || !(h.group_value_means.is_empty() || h.group_value_means.len() == g * dim)
             || !is_permutation(u32s(&h.group_lists), lists)
             || gs.first() != Some(&0)

@@ -16,6 +16,16 @@ def load(path):
             dt={'F16':np.float16,'I64':np.int64,'F32':np.float32}[v['dtype']]
             out[k]=np.frombuffer(b,dtype=dt).reshape(v['shape'])
     return out
+def quant(X, b):
+    """Per-channel uniform b-bit quantisation of the rows of X (min to max), decoded."""
+    lo=X.min(0); st=(X.max(0)-lo)/(2**b-1); st[st==0]=1
+    return np.clip(np.round((X-lo)/st),0,2**b-1)*st+lo
+def load_dump(path):
+    """A dump's metadata and arrays as f32: (softmax scales, keys, evaluation queries, train
+    queries, query positions, query heads per KV head)."""
+    d=load(path); scales=json.loads(d['__metadata__']['softmax_scale'])
+    K=d['keys'].astype(np.float32); Qe=d['queries'].astype(np.float32); Qt=d['train_queries'].astype(np.float32)
+    return scales, K, Qe, Qt, d['query_positions'], Qe.shape[1]//K.shape[1]
 def kmeans(X, k, iters=8, seed=0):
     rng=np.random.default_rng(seed); C=X[rng.choice(len(X),k,replace=False)].copy()
     for _ in range(iters):
@@ -49,6 +59,16 @@ def query_context(Kh, q, p, scale, a, C, k, budget, sink=4, recent=64):
     s2=np.where(stat,-np.inf,s); order=np.argsort(-s2); top100=set(order[:100]); ormass=e[stat].sum()+e[order[:nb]].sum()
     ls=C@q; lo_=np.argsort(-ls); sizes=np.bincount(a[:vis],minlength=k); cum=np.cumsum(sizes[lo_])
     return s,e,stat,nb,top100,ormass,lo_,cum
+def probed_members(a, lo_, cum, f, vis, stat):
+    """Visible, non-static keys of the best lists (order lo_) until they hold a fraction f."""
+    n=np.searchsorted(cum,f*vis)+1
+    return np.nonzero(np.isin(a[:vis],lo_[:n]) & ~stat)[0]
+def rerank(idx, cs, s, e, stat, nb, top100, factor=1.5):
+    """Keep the factor*nb best of idx by approximate scores cs, re-rank them by exact scores s and
+    attend the best nb: recall@100 and covered mass (static tokens included)."""
+    c=idx[np.argsort(-cs)[:int(np.ceil(factor*nb))]]
+    best=c[np.argsort(-s[c])[:nb]]
+    return len(top100.intersection(best))/100, e[stat].sum()+e[best].sum()
 def evaluate(K, Q, pos, assign, k, route, fracs, sink=4, recent=64):
     # route: function(q, centroids-like stats) -> list scores
     res={f:[] for f in fracs}

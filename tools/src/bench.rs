@@ -386,6 +386,9 @@ struct ContextResult {
     /// Its output error against the f32 exact attention (f16 rounding of K and V).
     exact_f16_output_error_mean: Option<f64>,
     output_error_vs_exact_mean: Option<f64>,
+    /// The output error of exact top-`budget` attention without an estimate of the rest (see
+    /// `oracle_attention`): what the same budget gives with perfect retrieval.
+    oracle_output_error_mean: Option<f64>,
     fold: Option<FoldResult>,
     disk_probe: DiskProbe,
     peak_rss_bytes: u64,
@@ -512,7 +515,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     println!();
     println!(
-        "{:>8} {:>7} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>10} {:>8} {:>10} {:>8} {:>8} {:>9} {:>8} {:>9}",
+        "{:>8} {:>7} {:>9} {:>9} {:>9} {:>9} {:>10} {:>8} {:>10} {:>8} {:>10} {:>8} {:>8} {:>10} {:>9} {:>8} {:>9}",
         "tokens",
         "build s",
         "cold p50",
@@ -526,13 +529,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "exact f16",
         "speedup",
         "err",
+        "oracle err",
         "ssdKB/st",
         "ram hit",
         "prefetch"
     );
     for r in &results {
         println!(
-            "{:>8} {:>7.1} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>10.0} {:>8.1} {:>10.0} {:>8.1} {:>10.0} {:>8.1} {:>8.4} {:>9.0} {:>8.3} {:>9.3}",
+            "{:>8} {:>7.1} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>10.0} {:>8.1} {:>10.0} {:>8.1} {:>10.0} {:>8.1} {:>8.4} {:>10.4} {:>9.0} {:>8.3} {:>9.3}",
             r.tokens,
             r.build_seconds,
             r.cold.step_us_p50,
@@ -546,6 +550,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             r.exact_f16_us_p50.unwrap_or(f64::NAN),
             r.speedup_vs_exact_f16_warm_p50.unwrap_or(f64::NAN),
             r.output_error_vs_exact_mean.unwrap_or(f64::NAN),
+            r.oracle_output_error_mean.unwrap_or(f64::NAN),
             r.cold.ssd_bytes_per_step / 1024.0,
             r.warm.ram_hit_rate,
             r.tier_limited.iter().find(|t| t.prefetch).map(|t| t.phase.prefetch_hit_rate).unwrap_or(f64::NAN),
@@ -673,6 +678,7 @@ fn run_context(
     let mut exact_per_head_us = Vec::new();
     let mut exact_f16_us = Vec::new();
     let mut f16_error = Vec::new();
+    let mut oracle_errors = Vec::new();
     let mut baselines_differ = 0f64;
     // The f16 copies for the f16 exact baseline (none when it is not run).
     let halves: Vec<(LayerF16, LayerF16)> = if args.no_exact || tokens > EXACT_F16_MAX_TOKENS {
@@ -723,6 +729,10 @@ fn run_context(
                         for ((h, e), p) in step.heads.iter().zip(&exact).zip(&per_head) {
                             errors.push(output_error(&h.output, e));
                             baselines_differ = baselines_differ.max(output_error(p, e));
+                        }
+                        let oracle = oracle_attention(prefill, extra, n, &q, scale, search);
+                        for (o, e) in oracle.iter().zip(&exact) {
+                            oracle_errors.push(output_error(o, e));
                         }
                         if let Some((prefill, extra)) = halves.get(l) {
                             let f16 = timed(
@@ -909,6 +919,8 @@ fn run_context(
             .then(|| f16_error.iter().sum::<f64>() / f16_error.len() as f64),
         output_error_vs_exact_mean: (!errors.is_empty())
             .then(|| errors.iter().sum::<f64>() / errors.len() as f64),
+        oracle_output_error_mean: (!oracle_errors.is_empty())
+            .then(|| oracle_errors.iter().sum::<f64>() / oracle_errors.len() as f64),
         fold,
         disk_probe,
         peak_rss_bytes: peak_rss(),
@@ -949,6 +961,60 @@ fn exact_attention<L: ExactRows>(
     per_kv.into_iter().flatten().collect()
 }
 
+/// The yardstick for a sparse answer at the same budget: attention of each query head over the
+/// tokens the engine treats as static (sinks, appended tokens, recent window) plus the exact
+/// top `budget` of the prefill by logit, with no estimate of the rest (the "oracle" of
+/// `strata eval`). Not timed: it reads every key, as exact attention does.
+fn oracle_attention(
+    prefill: &Layer,
+    extra: &Layer,
+    appended: usize,
+    q: &[f32],
+    scale: f32,
+    search: &SearchParams,
+) -> Vec<Vec<f32>> {
+    per_query_head(q, |h, qv| {
+        let base = prefill.keys[h].len() / DIM;
+        let position = base + appended - 1;
+        let prefill_logits: Vec<f32> = prefill.keys[h]
+            .chunks_exact(DIM)
+            .map(|k| scale * dot(k, qv))
+            .collect();
+        // The base index's own static rule: sinks and the window's overlap with it.
+        let is_static = |t: usize| {
+            t < search.sink_tokens as usize || t + search.recent_tokens as usize > position
+        };
+        let mut open: Vec<usize> = (0..base).filter(|&t| !is_static(t)).collect();
+        let k = search.budget_tokens(base - 1).min(open.len());
+        if k < open.len() {
+            open.select_nth_unstable_by(k, |&a, &b| {
+                prefill_logits[b].total_cmp(&prefill_logits[a])
+            });
+        }
+        let rows = (0..base)
+            .filter(|&t| is_static(t))
+            .chain(open[..k].iter().copied());
+        let (mut logits, mut values) = (Vec::new(), Vec::new());
+        for t in rows {
+            logits.push(prefill_logits[t]);
+            values.extend_from_slice(&prefill.values[h][t * DIM..(t + 1) * DIM]);
+        }
+        for t in 0..appended {
+            logits.push(scale * dot(&extra.keys[h][t * DIM..(t + 1) * DIM], qv));
+            values.extend_from_slice(&extra.values[h][t * DIM..(t + 1) * DIM]);
+        }
+        attend_f32(&logits, &values, DIM).output
+    })
+}
+
+/// `f(kv_head, query)` for every query head, in parallel, in query-head order.
+fn per_query_head(q: &[f32], f: impl Fn(usize, &[f32]) -> Vec<f32> + Sync) -> Vec<Vec<f32>> {
+    (0..Q_HEADS)
+        .into_par_iter()
+        .map(|qh| f(qh / (Q_HEADS / KV_HEADS), &q[qh * DIM..(qh + 1) * DIM]))
+        .collect()
+}
+
 /// The same attention computed one query head at a time, each pass reading its KV head's K and
 /// V again (the baseline of the first measurements, kept for comparison with them).
 fn exact_attention_per_query_head(
@@ -958,23 +1024,18 @@ fn exact_attention_per_query_head(
     q: &[f32],
     scale: f32,
 ) -> Vec<Vec<f32>> {
-    (0..Q_HEADS)
-        .into_par_iter()
-        .map(|qh| {
-            let h = qh / (Q_HEADS / KV_HEADS);
-            let qv = &q[qh * DIM..(qh + 1) * DIM];
-            let part = |keys: &[f32], values: &[f32]| {
-                let logits: Vec<f32> = keys.chunks_exact(DIM).map(|k| scale * dot(k, qv)).collect();
-                attend_f32(&logits, values, DIM)
-            };
-            let n = appended * DIM;
-            merge(&[
-                part(&prefill.keys[h], &prefill.values[h]),
-                part(&extra.keys[h][..n], &extra.values[h][..n]),
-            ])
-            .output
-        })
-        .collect()
+    per_query_head(q, |h, qv| {
+        let part = |keys: &[f32], values: &[f32]| {
+            let logits: Vec<f32> = keys.chunks_exact(DIM).map(|k| scale * dot(k, qv)).collect();
+            attend_f32(&logits, values, DIM)
+        };
+        let n = appended * DIM;
+        merge(&[
+            part(&prefill.keys[h], &prefill.values[h]),
+            part(&extra.keys[h][..n], &extra.values[h][..n]),
+        ])
+        .output
+    })
 }
 
 /// One batch of list-sized O_DIRECT reads spread over a segment: what the disk gives a cold step.
