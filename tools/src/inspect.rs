@@ -80,8 +80,9 @@ pub fn run(dir: Option<&Path>, defaults: bool, verify: bool) -> Result<()> {
         src.tokens
     );
     println!(
-        "  files       manifest {:.2} MiB (mapped), {} segment files, reader {}",
+        "  files       manifest {:.2} MiB (mapped, {}-bit centroid codes), {} segment files, reader {}",
         index_bytes(dir) as f64 / (1 << 20) as f64,
+        index.centroid_code_bits(),
         m.segments.len(),
         index
             .reader_kind()
