@@ -286,6 +286,11 @@ pub fn apply_owned_overrides<T: Serialize + serde::de::DeserializeOwned>(
     Ok((apply_overrides(params, &mine)?, rest))
 }
 
+/// The name an override `name=value` sets (the whole item when it has no `=`).
+pub fn override_name(item: &str) -> &str {
+    item.split_once('=').map_or(item, |(name, _)| name)
+}
+
 /// Applies `name=value` overrides to a parameter struct through its serde form, so that every
 /// parameter is settable by the one name it has here.
 pub fn apply_overrides<T: Serialize + serde::de::DeserializeOwned>(

@@ -23,7 +23,7 @@ use strata_engine::cpu::{attend_f32, attend_group_f16, attend_group_f32};
 use strata_engine::metrics::output_error;
 use strata_engine::{Engine, EngineParams, SessionSpec, StepTelemetry};
 use strata_index::linalg::dot;
-use strata_index::params::{apply_overrides, apply_owned_overrides};
+use strata_index::params::{apply_overrides, apply_owned_overrides, override_name};
 use strata_index::{BuildParams, HeadArrays, SearchParams};
 use strata_storage::kvdump::KvDump;
 use strata_storage::reader::{open_reader, ReadRequest, ReaderPreference};
@@ -459,10 +459,9 @@ const BENCH_PROBE_MIN_KEYS: usize = 4096;
 /// The probe fraction for a context of `tokens`: the bench's, raised to its floor in keys,
 /// unless `--set probe_fraction=…` chose one.
 fn bench_probe(search: &SearchParams, overrides: &[String], tokens: usize) -> f32 {
-    let chosen = overrides.iter().any(|o| {
-        o.split_once('=')
-            .is_some_and(|(name, _)| name.trim() == "probe_fraction")
-    });
+    let chosen = overrides
+        .iter()
+        .any(|o| override_name(o) == "probe_fraction");
     if chosen {
         search.probe_fraction
     } else {

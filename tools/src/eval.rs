@@ -16,7 +16,7 @@ use strata_index::baselines::hnsw::HnswIp;
 use strata_index::baselines::ivf::PlainIvf;
 use strata_index::baselines::{BaselineParams, HeadRetriever};
 use strata_index::linalg::dot;
-use strata_index::params::{apply_overrides, apply_owned_overrides, param_rows};
+use strata_index::params::{apply_overrides, apply_owned_overrides, override_name, param_rows};
 use strata_index::search::log_sum_exp;
 #[cfg(not(feature = "faiss"))]
 use strata_index::IndexError;
@@ -288,7 +288,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let (engine, rest) = apply_owned_overrides(&EngineParams::default(), &rest)?;
     // Eval opens an index, not an engine: of the engine's parameters only the RAM tier applies.
     if let Some(o) = args.overrides.iter().find(|o| {
-        let name = o.split_once('=').map_or(o.as_str(), |(k, _)| k);
+        let name = override_name(o);
         name != "ram_cache_bytes"
             && param_rows(&EngineParams::default())
                 .iter()
@@ -297,11 +297,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         bail!("--set {o}: eval uses no engine parameter but ram_cache_bytes");
     }
     if let Some(b) = args.budget {
-        if args
-            .overrides
-            .iter()
-            .any(|o| o.trim_start().starts_with("budget="))
-        {
+        if args.overrides.iter().any(|o| override_name(o) == "budget") {
             bail!("--budget and --set budget=… both given; use one");
         }
         params.budget = b;

@@ -171,6 +171,26 @@ fn bad_input_gives_errors_that_name_the_problem() {
             .args(["--method", "oracle", "--budget", "1.5"]),
     );
     assert!(e.contains("budget"), "{e}");
+    // The budget given twice, and an engine parameter eval does not use.
+    let e = run_err(strata().arg("eval").arg(&dump).args([
+        "--method",
+        "oracle",
+        "--budget",
+        "0.02",
+        "--set",
+        "budget=0.03",
+    ]));
+    assert!(e.contains("both given"), "{e}");
+    let e = run_err(strata().arg("eval").arg(&dump).args([
+        "--method",
+        "oracle",
+        "--set",
+        "ram_budget_bytes=1000",
+    ]));
+    assert!(
+        e.contains("ram_budget_bytes") && e.contains("eval uses no engine parameter"),
+        "{e}"
+    );
     // Index that is not an index.
     let e = run_err(
         strata()
