@@ -46,12 +46,7 @@ pub fn attend_group_f32(
     debug_assert!(dim > 0 && keys.len().is_multiple_of(dim) && values.len() == keys.len());
     debug_assert!(queries.iter().all(|q| q.len() == dim));
     let n = keys.len() / dim.max(1);
-    let mut weights = vec![0f32; queries.len() * n];
-    for (i, k) in keys.chunks_exact(dim).enumerate() {
-        for (qi, q) in queries.iter().enumerate() {
-            weights[qi * n + i] = scale * dot(k, q);
-        }
-    }
+    let mut weights = group_logits(keys.chunks_exact(dim), n, queries, scale, dot);
     let (maxes, denoms) = softmax_weights(&mut weights, queries.len(), n);
     let mut outs = vec![vec![0f32; dim]; queries.len()];
     for (i, v) in values.chunks_exact(dim).enumerate().take(n) {
@@ -73,12 +68,7 @@ pub fn attend_group_f16(
     debug_assert!(dim > 0 && keys.len().is_multiple_of(2 * dim) && values.len() == keys.len());
     debug_assert!(queries.iter().all(|q| q.len() == dim));
     let n = keys.len() / (2 * dim).max(1);
-    let mut weights = vec![0f32; queries.len() * n];
-    for (i, k) in keys.chunks_exact(2 * dim).enumerate() {
-        for (qi, q) in queries.iter().enumerate() {
-            weights[qi * n + i] = scale * dot_f16_bytes(k, q);
-        }
-    }
+    let mut weights = group_logits(keys.chunks_exact(2 * dim), n, queries, scale, dot_f16_bytes);
     let (maxes, denoms) = softmax_weights(&mut weights, queries.len(), n);
     let mut outs = vec![vec![0f32; dim]; queries.len()];
     let mut row = vec![0f32; dim];
@@ -87,6 +77,24 @@ pub fn attend_group_f16(
         accumulate(&mut outs, &weights, n, i, &row);
     }
     normalise(outs, &maxes, &denoms, dim)
+}
+
+/// The logits `scale·q·k` of the `n` key rows for every query, query-major (`queries.len()`
+/// rows of `n`), taken key by key so that each key row is read once for the whole group.
+fn group_logits<'k, K: ?Sized + 'k>(
+    keys: impl Iterator<Item = &'k K>,
+    n: usize,
+    queries: &[&[f32]],
+    scale: f32,
+    dot: impl Fn(&K, &[f32]) -> f32,
+) -> Vec<f32> {
+    let mut logits = vec![0f32; queries.len() * n];
+    for (i, k) in keys.enumerate().take(n) {
+        for (qi, q) in queries.iter().enumerate() {
+            logits[qi * n + i] = scale * dot(k, q);
+        }
+    }
+    logits
 }
 
 /// Turns each query's logits (`g` query-major rows of `n`) into weights `exp(logit − max)` in

@@ -279,10 +279,10 @@ pub fn apply_owned_overrides<T: Serialize + serde::de::DeserializeOwned>(
     overrides: &[String],
 ) -> Result<(T, Vec<String>), IndexError> {
     let names: Vec<String> = param_rows(params).into_iter().map(|(k, _)| k).collect();
-    let (mine, rest): (Vec<String>, Vec<String>) = overrides.iter().cloned().partition(|o| {
-        let name = o.split_once('=').map(|(k, _)| k).unwrap_or(o);
-        names.iter().any(|n| n == name)
-    });
+    let (mine, rest): (Vec<String>, Vec<String>) = overrides
+        .iter()
+        .cloned()
+        .partition(|o| names.iter().any(|n| n == override_name(o)));
     Ok((apply_overrides(params, &mine)?, rest))
 }
 

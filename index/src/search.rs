@@ -691,14 +691,9 @@ impl Index {
         // that far. The remainder estimate reads the rest in any order.
         let by_score = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
         let mean_list = (tokens as f64 / n_lists.max(1) as f64).max(1.0);
-        let mut sorted_upto = ((2.0 * params.probe_fraction as f64 * visible as f64 / mean_list)
-            .ceil() as usize
-            + 16)
-            .min(lscores.len());
-        if sorted_upto < lscores.len() {
-            lscores.select_nth_unstable_by(sorted_upto, by_score);
-        }
-        lscores[..sorted_upto].sort_unstable_by(by_score);
+        let head_lists =
+            (2.0 * params.probe_fraction as f64 * visible as f64 / mean_list).ceil() as usize + 16;
+        let mut order = LazySort::new(&mut lscores, head_lists, by_score);
 
         let mut mark = started;
         stats.phases.centroids_ns = lap(&mut mark);
@@ -726,15 +721,12 @@ impl Index {
         let mut cand_rows: Vec<u32> = Vec::with_capacity(probe_target + 64);
         let mut lane_scores = [0f32; CODE_BLOCK];
         while probed < probe_target && probed_lists < lscores.len() {
-            if probed_lists == sorted_upto {
-                lscores[sorted_upto..].sort_unstable_by(by_score);
-                sorted_upto = lscores.len();
-            }
+            order.reach(&mut lscores, probed_lists, by_score);
             let l = lscores[probed_lists].1;
             probed_lists += 1;
             // The next list's codes and members lie elsewhere in the manifest: ask for them
             // while this list is scored.
-            if let Some(&(_, next)) = lscores[..sorted_upto].get(probed_lists) {
+            if let Some(&(_, next)) = lscores[..order.sorted()].get(probed_lists) {
                 let n = next as usize;
                 let blocks = block_start[n] as usize..block_start[n + 1] as usize;
                 crate::simd::prefetch(&codes[blocks.start * block_bytes..blocks.end * block_bytes]);
@@ -1256,6 +1248,37 @@ impl EstimateContext<'_> {
     }
 }
 
+/// A slice put in order in two steps: the first `head` elements of the order now, the rest
+/// only when a caller first reaches past them (list probing and the estimate's heaviest lists
+/// mostly stop inside the head). Either way the elements read are those of a full sort.
+struct LazySort {
+    sorted: usize,
+}
+
+impl LazySort {
+    fn new<T>(xs: &mut [T], head: usize, order: impl Fn(&T, &T) -> std::cmp::Ordering) -> Self {
+        let sorted = head.min(xs.len());
+        if sorted < xs.len() {
+            xs.select_nth_unstable_by(sorted, &order);
+        }
+        xs[..sorted].sort_unstable_by(&order);
+        LazySort { sorted }
+    }
+
+    /// Puts `xs[i]` in its place, ordering the rest the first time `i` lies past the head.
+    fn reach<T>(&mut self, xs: &mut [T], i: usize, order: impl Fn(&T, &T) -> std::cmp::Ordering) {
+        if i >= self.sorted {
+            xs[self.sorted..].sort_unstable_by(order);
+            self.sorted = xs.len();
+        }
+    }
+
+    /// How many leading elements are in their place.
+    fn sorted(&self) -> usize {
+        self.sorted
+    }
+}
+
 /// How many lists ahead re-ranking prefetches list headers while it checks them. Not tuned: the
 /// 184 headers of a 128K query head took 14–25 µs to check without it, about one miss each.
 const PREFETCH_LISTS_AHEAD: usize = 4;
@@ -1563,11 +1586,8 @@ pub fn combine_terms<'m>(
     // Heaviest first. Usually a fraction of the lists reaches `1 − epsilon`: order only a head
     // that likely holds them, and the rest only if it does not (the same order as a full sort).
     let heaviest_first = |a: &(f64, u32), b: &(f64, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
-    let mut sorted_upto = (64 + weight.len() / 4).min(weight.len());
-    if sorted_upto < weight.len() {
-        weight.select_nth_unstable_by(sorted_upto, heaviest_first);
-    }
-    weight[..sorted_upto].sort_unstable_by(heaviest_first);
+    let head = 64 + weight.len() / 4;
+    let mut order = LazySort::new(&mut weight, head, heaviest_first);
     let keep_until = (1.0 - epsilon) * listed;
     let mut out = vec![0f64; dim];
     let mut mean = Vec::with_capacity(dim);
@@ -1577,10 +1597,7 @@ pub fn combine_terms<'m>(
         if kept > 0.0 && kept >= keep_until {
             break;
         }
-        if i == sorted_upto {
-            weight[sorted_upto..].sort_unstable_by(heaviest_first);
-            sorted_upto = weight.len();
-        }
+        order.reach(&mut weight, i, heaviest_first);
         let (w, l) = weight[i];
         // The means lie scattered over the manifest: ask for the next ones early.
         if let Some(ahead) = weight
