@@ -435,6 +435,16 @@ fn percentile(v: &[f64], p: f64) -> f64 {
     s[((s.len() - 1) as f64 * p).round() as usize]
 }
 
+/// The median of `v`, None when it is empty (a baseline that was not run).
+fn median(v: &[f64]) -> Option<f64> {
+    (!v.is_empty()).then(|| percentile(v, 0.5))
+}
+
+/// The mean of `v`, None when it is empty.
+fn mean(v: &[f64]) -> Option<f64> {
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
 fn peak_rss() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -918,10 +928,9 @@ fn run_context(
         None
     };
 
-    let exact_p50 = (!exact_us.is_empty()).then(|| percentile(&exact_us, 0.5));
-    let exact_per_head_p50 =
-        (!exact_per_head_us.is_empty()).then(|| percentile(&exact_per_head_us, 0.5));
-    let exact_f16_p50 = (!exact_f16_us.is_empty()).then(|| percentile(&exact_f16_us, 0.5));
+    let exact_p50 = median(&exact_us);
+    let exact_per_head_p50 = median(&exact_per_head_us);
+    let exact_f16_p50 = median(&exact_f16_us);
     let warm_p50 = warm_phase.step_us_p50;
     Ok(ContextResult {
         tokens,
@@ -941,12 +950,9 @@ fn run_context(
         exact_baselines_max_difference: exact_p50.map(|_| baselines_differ),
         exact_f16_us_p50: exact_f16_p50,
         speedup_vs_exact_f16_warm_p50: exact_f16_p50.map(|e| e / warm_p50),
-        exact_f16_output_error_mean: (!f16_error.is_empty())
-            .then(|| f16_error.iter().sum::<f64>() / f16_error.len() as f64),
-        output_error_vs_exact_mean: (!errors.is_empty())
-            .then(|| errors.iter().sum::<f64>() / errors.len() as f64),
-        oracle_output_error_mean: (!oracle_errors.is_empty())
-            .then(|| oracle_errors.iter().sum::<f64>() / oracle_errors.len() as f64),
+        exact_f16_output_error_mean: mean(&f16_error),
+        output_error_vs_exact_mean: mean(&errors),
+        oracle_output_error_mean: mean(&oracle_errors),
         fold,
         disk_probe,
         peak_rss_bytes: peak_rss(),
@@ -1002,14 +1008,9 @@ fn oracle_attention(
     per_query_head(q, |h, qv| {
         let base = prefill.keys[h].len() / DIM;
         let position = base + appended - 1;
-        let prefill_logits: Vec<f32> = prefill.keys[h]
-            .chunks_exact(DIM)
-            .map(|k| scale * dot(k, qv))
-            .collect();
+        let prefill_logits = logits(&prefill.keys[h], qv, scale);
         // The base index's own static rule: sinks and the window's overlap with it.
-        let is_static = |t: usize| {
-            t < search.sink_tokens as usize || t + search.recent_tokens as usize > position
-        };
+        let is_static = |t: usize| search.is_static(t, position);
         let mut open: Vec<usize> = (0..base).filter(|&t| !is_static(t)).collect();
         let k = search.budget_tokens(base - 1).min(open.len());
         if k < open.len() {
@@ -1020,17 +1021,23 @@ fn oracle_attention(
         let rows = (0..base)
             .filter(|&t| is_static(t))
             .chain(open[..k].iter().copied());
-        let (mut logits, mut values) = (Vec::new(), Vec::new());
+        let (mut attended, mut values) = (Vec::new(), Vec::new());
         for t in rows {
-            logits.push(prefill_logits[t]);
+            attended.push(prefill_logits[t]);
             values.extend_from_slice(&prefill.values[h][t * DIM..(t + 1) * DIM]);
         }
-        for t in 0..appended {
-            logits.push(scale * dot(&extra.keys[h][t * DIM..(t + 1) * DIM], qv));
-            values.extend_from_slice(&extra.values[h][t * DIM..(t + 1) * DIM]);
-        }
-        attend_f32(&logits, &values, DIM).output
+        // Every appended token is static, as in the engine until its tail reaches `fold_tokens`
+        // (4,096 by default, far more than the checked steps append).
+        let n = appended * DIM;
+        attended.extend(logits(&extra.keys[h][..n], qv, scale));
+        values.extend_from_slice(&extra.values[h][..n]);
+        attend_f32(&attended, &values, DIM).output
     })
+}
+
+/// `scale·q·k` for each `DIM`-wide key row.
+fn logits(keys: &[f32], q: &[f32], scale: f32) -> Vec<f32> {
+    keys.chunks_exact(DIM).map(|k| scale * dot(k, q)).collect()
 }
 
 /// `f(kv_head, query)` for every query head, in parallel, in query-head order.
@@ -1051,10 +1058,7 @@ fn exact_attention_per_query_head(
     scale: f32,
 ) -> Vec<Vec<f32>> {
     per_query_head(q, |h, qv| {
-        let part = |keys: &[f32], values: &[f32]| {
-            let logits: Vec<f32> = keys.chunks_exact(DIM).map(|k| scale * dot(k, qv)).collect();
-            attend_f32(&logits, values, DIM)
-        };
+        let part = |keys: &[f32], values: &[f32]| attend_f32(&logits(keys, qv, scale), values, DIM);
         let n = appended * DIM;
         merge(&[
             part(&prefill.keys[h], &prefill.values[h]),
