@@ -12,7 +12,7 @@ use strata_index::{build_index, BuildParams, Index, IndexError, Retrieved};
 use strata_storage::cache::RamCache;
 use strata_storage::kvdump::KvDump;
 use strata_storage::reader::ReaderPreference;
-use strata_tests::{attend_everything, reduced_dump, shared_dump};
+use strata_tests::{attend_everything, fixtures, reduced_dump, shared_dump, tiny_dump};
 
 /// A reduced SmolLM2 dump (layers 0 and 2 of the file, 2048 tokens) and its index.
 fn fixture(dir: &Path) -> Option<(KvDump, std::path::PathBuf)> {
@@ -713,9 +713,8 @@ fn index_written_by_format_version_2_opens_and_searches_exactly() {
 /// Opens the fixture index `name` and checks that a search attending everything returns every
 /// visible, non-static token with its exact score and value.
 fn opens_and_searches_exactly(name: &str) -> Index {
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
-    let dump = KvDump::open(&fixtures.join("tiny-smollm2.safetensors")).expect("open tiny dump");
-    let index = open(&fixtures.join(name)).expect("the fixture index opens");
+    let dump = tiny_dump();
+    let index = open(&fixtures().join(name)).expect("the fixture index opens");
     let params = attend_everything();
     let dim = dump.meta.head_dim;
     for qh in 0..dump.meta.q_heads {
@@ -750,10 +749,13 @@ fn opens_and_searches_exactly(name: &str) -> Index {
 /// build reads (version 1 to the current one).
 #[test]
 fn an_index_of_a_newer_format_version_is_refused_naming_the_versions_read() {
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
     let tmp = tempfile::tempdir().unwrap();
     for name in ["index.strata", "layer-003.seg"] {
-        std::fs::copy(fixtures.join("index-v1").join(name), tmp.path().join(name)).unwrap();
+        std::fs::copy(
+            fixtures().join("index-v1").join(name),
+            tmp.path().join(name),
+        )
+        .unwrap();
     }
     let manifest = tmp.path().join("index.strata");
     let mut bytes = std::fs::read(&manifest).unwrap();

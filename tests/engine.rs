@@ -9,7 +9,7 @@ use strata_index::linalg::dot;
 use strata_index::{BuildParams, HeadArrays, SearchParams};
 use strata_storage::kvdump::KvDump;
 use strata_storage::reader::ReaderPreference;
-use strata_tests::{attend_everything, reduced_dump, shared_dump};
+use strata_tests::{attend_everything, fixtures, reduced_dump, shared_dump, tiny_dump};
 
 const PREFILL: usize = 1536;
 
@@ -647,15 +647,6 @@ fn steps_match_exact(e: &Engine, id: u64, d: &KvDump, positions: std::ops::Range
             assert!((head.lse - lse).abs() < 1e-3, "position {p} head {qh}");
         }
     }
-}
-
-fn fixtures() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
-}
-
-/// `fixtures/tiny-smollm2.safetensors`: 160 tokens of one SmolLM2 layer.
-fn tiny_dump() -> KvDump {
-    KvDump::open(&fixtures().join("tiny-smollm2.safetensors")).unwrap()
 }
 
 /// The setting the tiny-dump sessions (and `fixtures/session-tail-v1`) use: a window of 8

@@ -6,6 +6,16 @@ use std::path::{Path, PathBuf};
 use strata_index::SearchParams;
 use strata_storage::kvdump::{write_kvdump, KvDump, Tensor4};
 
+/// The committed fixtures folder (`tests/fixtures`).
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// `fixtures/tiny-smollm2.safetensors`: 160 tokens of one SmolLM2 layer.
+pub fn tiny_dump() -> KvDump {
+    KvDump::open(&fixtures().join("tiny-smollm2.safetensors")).expect("open the tiny dump")
+}
+
 /// A file of `../shared/data/`, or None (with a printed reason) when it is not there.
 pub fn shared_dump(name: &str) -> Option<PathBuf> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
