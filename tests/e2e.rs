@@ -127,6 +127,39 @@ fn small_budget_respects_rules_and_finds_top_keys() {
 }
 
 #[test]
+fn codes_past_the_searchable_tokens_are_not_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((dump, dir)) = fixture(tmp.path()) else {
+        return;
+    };
+    let index = open(&dir).unwrap();
+    // Every list probed, from a position a third into the indexed tokens: members from the
+    // recent window on (static or not yet visible) are skipped block by block.
+    let params = SearchParams {
+        probe_fraction: 1.0,
+        ..SearchParams::default()
+    };
+    let p = 700;
+    let (_, recent_start) = params.static_edges(p);
+    let lists = index.head(0, 0).unwrap().lists.len() as u64;
+    let block = strata_index::codes::CODE_BLOCK as u64;
+    let r = index
+        .search(0, 0, dump.queries.row(0, 0, 0), p, &params)
+        .unwrap();
+    let scored = r.stats.codes_scored;
+    let searchable = (recent_start - params.sink_tokens as usize) as u64;
+    assert!(
+        scored >= searchable,
+        "{scored} codes scored, fewer than the {searchable} searchable tokens"
+    );
+    // Each block scored starts before the window, so it holds at most `block - 1` later tokens.
+    assert!(
+        scored <= recent_start as u64 + (block - 1) * lists,
+        "{scored} codes scored: more than the blocks holding tokens before {recent_start}"
+    );
+}
+
+#[test]
 fn bad_queries_and_parameters_are_typed_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let Some((dump, dir)) = fixture(tmp.path()) else {

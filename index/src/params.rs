@@ -23,7 +23,9 @@ pub struct BuildParams {
     pub kmeans_iters: u32,
     /// Keys sampled per centroid to train the k-means (the rest are only assigned).
     pub kmeans_sample_per_list: u32,
-    /// Weight of the size penalty in the balanced assignment (SPANN): 0 gives plain k-means.
+    /// Weight of the size penalty in the balanced assignment (SPANN): 0 gives plain k-means
+    /// (lists stay bounded by `max_list_factor`). 0 by default: on the real dumps the penalty
+    /// cost covered attention mass at the same bytes (docs/BENCHMARKS.md, sixth session).
     pub balance_penalty: f32,
     /// Hard cap on a list's primary members, as a multiple of `list_size`.
     pub max_list_factor: f32,
@@ -56,7 +58,7 @@ impl Default for BuildParams {
             list_size: 32,
             kmeans_iters: 8,
             kmeans_sample_per_list: 64,
-            balance_penalty: 0.5,
+            balance_penalty: 0.0,
             max_list_factor: 2.0,
             hierarchy_threshold: 512,
             lists_per_group: 32,

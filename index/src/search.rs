@@ -742,6 +742,11 @@ impl Index {
             let all_open =
                 bounds.is_some_and(|b| lies_between_statics(b[l as usize], members.len(), edges));
             for (b, chunk) in members.chunks(CODE_BLOCK).enumerate() {
+                // Sorted members from the recent window's start on are all static or not yet
+                // visible: their codes are not read.
+                if bounds.is_some() && chunk[0] as usize >= edges.1 {
+                    break;
+                }
                 let at = (first_block + b) * block_bytes;
                 cq.score_block(&codes[at..at + block_bytes], &mut lane_scores);
                 stats.codes_scored += chunk.len() as u64;
