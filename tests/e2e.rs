@@ -160,6 +160,86 @@ fn codes_past_the_searchable_tokens_are_not_read() {
 }
 
 #[test]
+fn residual_codes_rank_as_well_as_key_codes_in_fewer_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The fixture's index has the default codes: residual ones.
+    let Some((dump, residual_dir)) = fixture(tmp.path()) else {
+        return;
+    };
+    assert_eq!(
+        BuildParams::default().code_bits,
+        strata_index::codes::RESIDUAL_CODE_BITS
+    );
+    let key_dir = tmp.path().join("key-codes");
+    let build = BuildParams {
+        code_bits: 4,
+        ..BuildParams::default()
+    };
+    build_index(&dump, &build, &key_dir, false, &|_, _| {}).expect("build");
+    let (keyed, residual) = (open(&key_dir).unwrap(), open(&residual_dir).unwrap());
+    let dim = dump.meta.head_dim;
+    for h in residual.manifest().heads.iter() {
+        let blocks = h.code_block_start.last().unwrap().to_native() as usize;
+        assert_eq!(
+            h.codes.len(),
+            blocks * 16 * dim * 3 / 8,
+            "3 bits per dimension"
+        );
+    }
+    // Both answer everything exactly when everything is attended.
+    let all = attend_everything();
+    let (qi, qh) = (dump.query_positions.len() - 1, 4);
+    let (p, q, kvh) = (
+        dump.query_positions[qi],
+        dump.queries.row(1, qh, qi),
+        dump.kv_head_of(qh),
+    );
+    let everything = residual.search(1, kvh, q, p, &all).unwrap();
+    assert_eq!(
+        everything.tokens.len(),
+        keyed.search(1, kvh, q, p, &all).unwrap().tokens.len()
+    );
+    // At a small budget the residual codes find the exact top tokens about as often, and the
+    // adaptive budget (which estimates the static tokens' mass from their codes) still works.
+    let small = SearchParams::default();
+    let adaptive = SearchParams {
+        target_mass: Some(0.5),
+        ..SearchParams::default()
+    };
+    let (mut found_keyed, mut found_residual, mut total) = (0usize, 0usize, 0usize);
+    for qi in (0..dump.query_positions.len()).step_by(5) {
+        let p = dump.query_positions[qi];
+        for qh in 0..dump.meta.q_heads {
+            let (q, kvh) = (dump.queries.row(1, qh, qi), dump.kv_head_of(qh));
+            let keys = dump.keys.slice2(1, kvh);
+            let budget = small.budget_tokens(p);
+            let mut exact: Vec<(f32, u32)> = (0..=p as u32)
+                .filter(|&t| !small.is_static(t as usize, p))
+                .map(|t| (dot(&keys[t as usize * dim..(t as usize + 1) * dim], q), t))
+                .collect();
+            exact.sort_by(|a, b| b.0.total_cmp(&a.0));
+            let top: std::collections::HashSet<u32> =
+                exact.iter().take(budget).map(|x| x.1).collect();
+            let found = |index: &Index| {
+                let r = index.search(1, kvh, q, p, &small).unwrap();
+                r.tokens.iter().filter(|t| top.contains(t)).count()
+            };
+            found_keyed += found(&keyed);
+            found_residual += found(&residual);
+            total += budget;
+            let r = residual.search(1, kvh, q, p, &adaptive).unwrap();
+            assert!(r.tokens.len() <= budget && r.remainder.is_some());
+        }
+    }
+    let (rk, rr) = (
+        found_keyed as f64 / total as f64,
+        found_residual as f64 / total as f64,
+    );
+    println!("recall of the exact top-budget tokens: key codes {rk:.3}, residual codes {rr:.3}");
+    assert!(rr > 0.8 && rr > rk - 0.03, "residual {rr}, key codes {rk}");
+}
+
+#[test]
 fn bad_queries_and_parameters_are_typed_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let Some((dump, dir)) = fixture(tmp.path()) else {
@@ -384,7 +464,7 @@ fn failed_build_leaves_nothing_behind_and_existing_index_is_kept() {
     // Invalid parameters: error, and no output or temporary folder.
     let out = tmp.path().join("other");
     let params = BuildParams {
-        code_bits: 3,
+        code_bits: 5,
         ..Default::default()
     };
     let e = build_index(&dump, &params, &out, false, &|_, _| {}).unwrap_err();
@@ -741,6 +821,16 @@ fn index_written_by_format_version_2_opens_and_searches_exactly() {
     let index = opens_and_searches_exactly("index-v2");
     assert_eq!(index.centroid_code_bits(), 8);
     assert!(index.manifest().build.query_aware);
+}
+
+/// An index written by format version 3 (4-bit centroid codes, key codes of the keys),
+/// committed under `fixtures/index-v3`, built from the same tiny dump: it opens as it is and
+/// answers exactly.
+#[test]
+fn index_written_by_format_version_3_opens_and_searches_exactly() {
+    let index = opens_and_searches_exactly("index-v3");
+    assert_eq!(index.centroid_code_bits(), 4);
+    assert!(index.manifest().heads.iter().all(|h| h.code_bits == 4));
 }
 
 /// Opens the fixture index `name` and checks that a search attending everything returns every

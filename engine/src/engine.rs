@@ -332,7 +332,7 @@ impl Engine {
             spec.token_ids.len() as u64,
         );
         let lists = n.div_ceil(self.build.list_size as u64);
-        let code = d.div_ceil(8 / self.build.code_bits as u64);
+        let code = strata_index::codes::code_bytes(self.build.code_bits, d as usize) as u64;
         // Sizes are below 2^32 each (the spec checks), so these products fit u128.
         let (l, kv, d, n, lists, code) = (
             l as u128,

@@ -49,7 +49,7 @@ fn bench(c: &mut Criterion) {
     g.finish();
 
     let mut g = c.benchmark_group("code_scoring_2048_keys");
-    for bits in [2u32, 4, 8] {
+    for bits in [2u32, 3, 4, 8] {
         let sq = ScalarQuantizer::fit(&keys, dim, bits);
         let rows: Vec<&[f32]> = keys.chunks_exact(dim).take(2048).collect();
         let mut codes = Vec::new();
@@ -62,7 +62,7 @@ fn bench(c: &mut Criterion) {
                 let cq = sq.query(black_box(&q));
                 let mut best = f32::MIN;
                 for block in codes.chunks_exact(sq.block_bytes()) {
-                    cq.score_block(block, &mut lanes);
+                    cq.score_block(block, 0.0, &mut lanes);
                     best = lanes.iter().fold(best, |m, &v| m.max(v));
                 }
                 black_box(best)

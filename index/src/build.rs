@@ -14,7 +14,7 @@ use strata_storage::durable::{fsync_dir, AtomicFile};
 use strata_storage::kvdump::KvDump;
 use strata_storage::segment::SegmentWriter;
 
-use crate::codes::{ScalarQuantizer, CODE_BLOCK};
+use crate::codes::{ScalarQuantizer, CODE_BLOCK, RESIDUAL_CODE_BITS};
 use crate::kmeans::{balanced_kmeans, hierarchical_kmeans, Hierarchy, KMeansConfig};
 use crate::linalg::norm_sq;
 use crate::manifest::{
@@ -22,7 +22,7 @@ use crate::manifest::{
     LIST_HEADER_BYTES, LIST_MAGIC,
 };
 use crate::metric::QueryMetric;
-use crate::params::BuildParams;
+use crate::params::{BuildParams, RESIDUAL_CLIP_PERCENTILE};
 use crate::{IndexError, IndexResult};
 
 /// Called after each (layer, KV head) is clustered: `(done, total)`.
@@ -138,18 +138,44 @@ fn build_head(arrays: HeadArrays, dim: usize, params: &BuildParams, seed: u64) -
 
     let (csq, centroid_codes, group_centroid_codes) =
         encode_centroids(&centroids, &hierarchy.group_centroids, dim);
-    let sq = ScalarQuantizer::fit(keys, dim, params.code_bits);
+    // Residual codes encode each key's residual from its list's centroid as search decodes
+    // it: those rows, list by list.
+    let residual_rows: Option<Vec<f32>> = (params.code_bits == RESIDUAL_CODE_BITS).then(|| {
+        let cb = csq.code_bytes();
+        let mut rows = Vec::with_capacity(n * dim);
+        for (j, list) in primary.iter().enumerate() {
+            let base = csq.decode(&centroid_codes[j * cb..(j + 1) * cb]);
+            for &t in list {
+                let key = &keys[t as usize * dim..(t as usize + 1) * dim];
+                rows.extend(key.iter().zip(&base).map(|(k, c)| k - c));
+            }
+        }
+        rows
+    });
+    let sq = match &residual_rows {
+        Some(rows) => {
+            ScalarQuantizer::fit_clipped(rows, dim, params.code_bits, RESIDUAL_CLIP_PERCENTILE)
+        }
+        None => ScalarQuantizer::fit(keys, dim, params.code_bits),
+    };
     let mut codes = Vec::with_capacity(n * sq.code_bytes() * 5 / 4);
     let mut code_block_start = vec![0u32];
     let mut primary_tokens = Vec::with_capacity(n);
     let mut primary_start = vec![0u32];
     let mut blocks = 0u32;
+    let mut rows_done = 0;
     for list in &primary {
         for chunk in list.chunks(CODE_BLOCK) {
-            let rows: Vec<&[f32]> = chunk
-                .iter()
-                .map(|&t| &keys[t as usize * dim..(t as usize + 1) * dim])
-                .collect();
+            let rows: Vec<&[f32]> = match &residual_rows {
+                Some(all) => (rows_done..rows_done + chunk.len())
+                    .map(|r| &all[r * dim..(r + 1) * dim])
+                    .collect(),
+                None => chunk
+                    .iter()
+                    .map(|&t| &keys[t as usize * dim..(t as usize + 1) * dim])
+                    .collect(),
+            };
+            rows_done += chunk.len();
             sq.encode_block(&rows, &mut codes);
             blocks += 1;
         }

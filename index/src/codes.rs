@@ -1,6 +1,10 @@
-//! Compact key codes for candidate scoring: per-channel uniform scalar quantisation with 1, 2, 4
-//! or 8 bits per dimension, packed little-end-first into bytes. Scoring a code against a query
+//! Compact key codes for candidate scoring: per-channel uniform scalar quantisation with 1, 2, 3,
+//! 4 or 8 bits per dimension, packed little-end-first into bytes. Scoring a code against a query
 //! needs no decoding: `q·k ≈ q·lo + Σ_d (q_d · step_d) · code_d`.
+//!
+//! 3-bit codes are stored as two planes, the low two bits of every dimension (four per byte)
+//! then the high bit (eight per byte), so that both planes keep whole codes per byte. The index
+//! uses them for *residual* codes ([`RESIDUAL_CODE_BITS`]).
 //!
 //! In the index, codes are stored in blocks of [`CODE_BLOCK`] keys, byte-major (byte k of all
 //! keys of the block, then byte k+1, ...), so that one query weight meets 16 keys at once and
@@ -8,6 +12,32 @@
 
 /// Keys per code block.
 pub const CODE_BLOCK: usize = 16;
+
+/// Key codes of this many bits are codes of each key's residual from its list's decoded
+/// centroid, not of the key: a list's keys sit much closer to their centroid than to the
+/// head's range, so 3 residual bits score about as well as 4 key bits. A code's score then
+/// adds the list's centroid score.
+pub const RESIDUAL_CODE_BITS: u32 = 3;
+
+/// Key code widths a quantiser packs.
+pub const CODE_BITS: [u32; 5] = [1, 2, 3, 4, 8];
+
+/// The packed planes of one code of `bits` per dimension over `dim` dimensions: (first byte,
+/// bytes, bits per code in the plane, weight multiplier). One plane except for 3 bits.
+fn planes(bits: u32, dim: usize) -> [(usize, usize, u32, f32); 2] {
+    if bits == 3 {
+        let low = dim.div_ceil(4);
+        [(0, low, 2, 1.0), (low, dim.div_ceil(8), 1, 4.0)]
+    } else {
+        let n = dim.div_ceil(8 / bits as usize);
+        [(0, n, bits, 1.0), (n, 0, 1, 0.0)]
+    }
+}
+
+/// Bytes one code of `bits` per dimension over `dim` dimensions takes.
+pub fn code_bytes(bits: u32, dim: usize) -> usize {
+    planes(bits, dim).iter().map(|p| p.1).sum()
+}
 
 /// Per-channel quantiser fitted to a set of keys.
 #[derive(Clone, Debug, PartialEq)]
@@ -28,10 +58,37 @@ impl ScalarQuantizer {
                 hi[d] = hi[d].max(row[d]);
             }
         }
+        Self::from_range(lo, &hi, bits)
+    }
+
+    /// Like [`ScalarQuantizer::fit`], over the range between each channel's `percentile`-th
+    /// and `(100 − percentile)`-th percentiles: values beyond take the end codes. For residuals,
+    /// whose few extremes would otherwise stretch every step.
+    pub fn fit_clipped(rows: &[f32], dim: usize, bits: u32, percentile: f32) -> Self {
+        let n = rows.len() / dim.max(1);
+        if n == 0 {
+            return Self::fit(rows, dim, bits);
+        }
+        let at = |p: f32| ((p / 100.0).clamp(0.0, 1.0) as f64 * (n - 1) as f64).round() as usize;
+        let (lo_rank, hi_rank) = (at(percentile), at(100.0 - percentile));
+        let mut lo = Vec::with_capacity(dim);
+        let mut hi = Vec::with_capacity(dim);
+        let mut channel = vec![0f32; n];
+        for d in 0..dim {
+            for (c, row) in channel.iter_mut().zip(rows.chunks_exact(dim)) {
+                *c = row[d];
+            }
+            lo.push(*channel.select_nth_unstable_by(lo_rank, f32::total_cmp).1);
+            hi.push(*channel.select_nth_unstable_by(hi_rank, f32::total_cmp).1);
+        }
+        Self::from_range(lo, &hi, bits)
+    }
+
+    fn from_range(mut lo: Vec<f32>, hi: &[f32], bits: u32) -> Self {
         let levels = ((1u32 << bits) - 1) as f32;
         let step = lo
             .iter_mut()
-            .zip(&hi)
+            .zip(hi)
             .map(|(l, h)| {
                 if !l.is_finite() {
                     *l = 0.0;
@@ -52,24 +109,25 @@ impl ScalarQuantizer {
         self.lo.len()
     }
 
-    pub fn codes_per_byte(&self) -> usize {
-        8 / self.bits as usize
-    }
-
     /// Bytes one key's code takes.
     pub fn code_bytes(&self) -> usize {
-        self.dim().div_ceil(self.codes_per_byte())
+        code_bytes(self.bits, self.dim())
     }
 
     /// Appends the packed code of `key` to `out`.
     pub fn encode(&self, key: &[f32], out: &mut Vec<u8>) {
-        let cpb = self.codes_per_byte();
         let max = ((1u32 << self.bits) - 1) as f32;
         let start = out.len();
         out.resize(start + self.code_bytes(), 0);
+        let [(_, _, low_bits, _), (high_at, _, _, _)] = planes(self.bits, self.dim());
+        let cpb = 8 / low_bits as usize;
         for (d, &v) in key.iter().enumerate() {
             let c = ((v - self.lo[d]) / self.step[d]).round().clamp(0.0, max) as u8;
-            out[start + d / cpb] |= c << ((d % cpb) as u32 * self.bits);
+            let low = c & ((1u32 << low_bits) - 1) as u8;
+            out[start + d / cpb] |= low << ((d % cpb) as u32 * low_bits);
+            if self.bits == 3 {
+                out[start + high_at + d / 8] |= (c >> 2) << (d % 8);
+            }
         }
     }
 
@@ -95,13 +153,17 @@ impl ScalarQuantizer {
         self.code_bytes() * CODE_BLOCK
     }
 
-    /// Decodes one packed code (for tests and diagnostics).
+    /// Decodes one packed code (for tests, diagnostics and residual bases).
     pub fn decode(&self, code: &[u8]) -> Vec<f32> {
-        let cpb = self.codes_per_byte();
-        let mask = ((1u32 << self.bits) - 1) as u8;
+        let [(_, _, low_bits, _), (high_at, _, _, _)] = planes(self.bits, self.dim());
+        let cpb = 8 / low_bits as usize;
+        let mask = ((1u32 << low_bits) - 1) as u8;
         (0..self.dim())
             .map(|d| {
-                let c = (code[d / cpb] >> ((d % cpb) as u32 * self.bits)) & mask;
+                let mut c = (code[d / cpb] >> ((d % cpb) as u32 * low_bits)) & mask;
+                if self.bits == 3 {
+                    c |= ((code[high_at + d / 8] >> (d % 8)) & 1) << 2;
+                }
                 self.lo[d] + self.step[d] * c as f32
             })
             .collect()
@@ -111,24 +173,33 @@ impl ScalarQuantizer {
     /// quantised to i16 so that scoring is an integer multiply-add that AVX2 does 16 lanes at
     /// a time; the rounding error is below 2^-15 of the largest weight per dimension.
     pub fn query(&self, q: &[f32]) -> CodeQuery {
-        let cpb = self.codes_per_byte();
         let nbytes = self.code_bytes();
         let levels = ((1u32 << self.bits) - 1) as f32;
+        let planes = planes(self.bits, self.dim());
         let w: Vec<f32> = q.iter().zip(&self.step).map(|(a, s)| a * s).collect();
         let wmax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+        // The largest rounded weight, so that its multiple in any plane (the high plane of
+        // 3-bit codes weighs 4×) still fits an i16.
+        let top = (i16::MAX as f32 / planes[1].3.max(1.0)).floor();
         // The integer sum |Σ code·w/unit| is at most levels · Σ|w|/unit, which must fit an i32:
-        // the largest weight maps to i16::MAX unless that bound says otherwise (8-bit codes
+        // the largest weight maps to `top` unless that bound says otherwise (8-bit codes
         // beyond 257 dimensions; 4-bit beyond 4,369), then the unit grows to fit.
         let wsum: f32 = w.iter().map(|v| v.abs()).sum();
         let unit = if wmax > 0.0 {
-            (wmax / i16::MAX as f32).max(levels * wsum / (i32::MAX as f32 * 0.99))
+            (wmax / top).max(levels * wsum / (i32::MAX as f32 * 0.99))
         } else {
             1.0
         };
-        // weights[s][j]: weight of the code in slot s of byte j.
-        let mut weights = vec![0i16; cpb * nbytes];
-        for (d, &wd) in w.iter().enumerate() {
-            weights[(d % cpb) * nbytes + d / cpb] = (wd / unit).round() as i16;
+        // weights[at + s·n + j]: weight of the code in slot s of byte j of the plane whose
+        // bytes start at `at` (n bytes).
+        let mut weights = vec![0i16; 8 * nbytes];
+        for &(at, n, bits, scale) in planes.iter().filter(|p| p.1 > 0) {
+            let cpb = 8 / bits as usize;
+            for (d, &wd) in w.iter().enumerate() {
+                // Every plane weighs a dimension by the same rounded weight (scaled exactly), so
+                // a code scores the same however its planes are combined.
+                weights[8 * at + (d % cpb) * n + d / cpb] = (scale * (wd / unit).round()) as i16;
+            }
         }
         let bias = q.iter().zip(&self.lo).map(|(a, b)| a * b).sum();
         let nibble_pairs = if self.bits == 4 {
@@ -141,11 +212,23 @@ impl ScalarQuantizer {
         } else {
             Vec::new()
         };
+        let plane_pairs = planes.map(|(at, n, bits, _)| {
+            if bits > 2 || n == 0 {
+                return Vec::new();
+            }
+            let pairs = 4 / bits as usize;
+            let w = |s: usize, k: usize| weights[8 * at + s * n + k] as u16 as u32;
+            (0..n)
+                .flat_map(|k| (0..pairs).map(move |p| (k, p)))
+                .map(|(k, p)| (w(2 * p + 1, k) << 16 | w(2 * p, k)) as i32)
+                .collect()
+        });
         CodeQuery {
             bits: self.bits,
-            nbytes,
+            planes,
             weights,
             nibble_pairs,
+            plane_pairs,
             unit,
             bias,
         }
@@ -155,11 +238,16 @@ impl ScalarQuantizer {
 /// A query prepared for scoring packed codes.
 pub struct CodeQuery {
     bits: u32,
-    nbytes: usize,
+    /// The code's planes, as [`planes`] gives them.
+    planes: [(usize, usize, u32, f32); 2],
+    /// Per plane, `8 × its first byte` on: its slots' weights, slot-major (see `query`).
     weights: Vec<i16>,
     /// For 4-bit codes: per byte, the weights of its low and high nibble packed as one i32
     /// (low 16 bits, high 16 bits), for the two-dimensions-per-instruction block scan.
     nibble_pairs: Vec<i32>,
+    /// For planes of 1- and 2-bit codes, per plane: per byte, per pair of slots, the two
+    /// slots' weights packed the same way (`simd::score_pair_plane`).
+    plane_pairs: [Vec<i32>; 2],
     unit: f32,
     bias: f32,
 }
@@ -178,52 +266,72 @@ impl CodeQuery {
                 .sum();
             return self.bias + acc as f32 * self.unit;
         }
-        let mask = ((1u32 << self.bits) - 1) as u8;
-        let cpb = 8 / self.bits as usize;
         let mut acc = 0i32;
-        for s in 0..cpb {
-            let w = &self.weights[s * self.nbytes..(s + 1) * self.nbytes];
-            let shift = s as u32 * self.bits;
-            acc += w
-                .iter()
-                .zip(code)
-                .map(|(&wi, &ci)| wi as i32 * ((ci >> shift) & mask) as i32)
-                .sum::<i32>();
+        for &(at, n, bits, _) in self.planes.iter().filter(|p| p.1 > 0) {
+            let mask = ((1u32 << bits) - 1) as u8;
+            let bytes = &code[at..at + n];
+            for s in 0..8 / bits as usize {
+                let w = &self.weights[8 * at + s * n..8 * at + (s + 1) * n];
+                let shift = s as u32 * bits;
+                acc += w
+                    .iter()
+                    .zip(bytes)
+                    .map(|(&wi, &ci)| wi as i32 * ((ci >> shift) & mask) as i32)
+                    .sum::<i32>();
+            }
         }
         self.bias + acc as f32 * self.unit
     }
 
-    /// Approximate `q·k` for the [`CODE_BLOCK`] keys of one block.
+    /// Approximate `q·k` for the [`CODE_BLOCK`] keys of one block, plus `base` (for residual
+    /// codes, the score of the list's centroid; 0 for key codes).
     #[inline]
-    pub fn score_block(&self, block: &[u8], out: &mut [f32; CODE_BLOCK]) {
-        if self.bits == 4 {
-            if let Some(acc) = crate::simd::score_nibble_block(block, &self.nibble_pairs) {
-                for i in 0..CODE_BLOCK {
-                    out[i] = self.bias + acc[i] as f32 * self.unit;
-                }
-                return;
+    pub fn score_block(&self, block: &[u8], base: f32, out: &mut [f32; CODE_BLOCK]) {
+        let bias = self.bias + base;
+        let fast = match self.bits {
+            4 => crate::simd::score_nibble_block(block, &self.nibble_pairs),
+            // The low plane's pair weights are the 3-bit codes' own (the high bit weighs 4×
+            // through the code's value).
+            3 => crate::simd::score_split3_block(block, self.planes[0].1, &self.plane_pairs[0]),
+            _ => None,
+        };
+        if let Some(acc) = fast {
+            for i in 0..CODE_BLOCK {
+                out[i] = bias + acc[i] as f32 * self.unit;
             }
+            return;
         }
-        let mask = ((1u32 << self.bits) - 1) as u8;
-        let cpb = 8 / self.bits as usize;
         let mut acc = [0i32; CODE_BLOCK];
-        for (k, lanes) in block.chunks_exact(CODE_BLOCK).enumerate().take(self.nbytes) {
-            for s in 0..cpb {
-                let w = self.weights[s * self.nbytes + k] as i32;
-                let shift = s as u32 * self.bits;
-                for i in 0..CODE_BLOCK {
-                    acc[i] += w * ((lanes[i] >> shift) & mask) as i32;
+        for (&(at, n, bits, _), pairs) in self.planes.iter().zip(&self.plane_pairs) {
+            if n == 0 {
+                continue;
+            }
+            let plane = &block[at * CODE_BLOCK..(at + n) * CODE_BLOCK];
+            if crate::simd::score_pair_plane(plane, bits, pairs, &mut acc) {
+                continue;
+            }
+            let mask = ((1u32 << bits) - 1) as u8;
+            let cpb = 8 / bits as usize;
+            for k in 0..n {
+                let lanes = &block[(at + k) * CODE_BLOCK..(at + k + 1) * CODE_BLOCK];
+                for s in 0..cpb {
+                    let w = self.weights[8 * at + s * n + k] as i32;
+                    let shift = s as u32 * bits;
+                    for i in 0..CODE_BLOCK {
+                        acc[i] += w * ((lanes[i] >> shift) & mask) as i32;
+                    }
                 }
             }
         }
         for i in 0..CODE_BLOCK {
-            out[i] = self.bias + acc[i] as f32 * self.unit;
+            out[i] = bias + acc[i] as f32 * self.unit;
         }
     }
 
     /// Scores `n` consecutive packed codes.
     pub fn score_many(&self, codes: &[u8], out: &mut Vec<f32>) {
-        out.extend(codes.chunks_exact(self.nbytes).map(|c| self.score(c)));
+        let nbytes: usize = self.planes.iter().map(|p| p.1).sum();
+        out.extend(codes.chunks_exact(nbytes).map(|c| self.score(c)));
     }
 }
 
@@ -262,7 +370,7 @@ mod tests {
     proptest! {
         #[test]
         fn code_scores_match_decoded_dot(
-            bits in prop::sample::select(vec![1u32, 2, 4, 8]),
+            bits in prop::sample::select(CODE_BITS.to_vec()),
             dim in 1usize..40,
             seed in 0u64..1000,
         ) {
@@ -289,7 +397,7 @@ mod tests {
             sq.encode_block(&rows, &mut block);
             prop_assert_eq!(block.len(), sq.block_bytes());
             let mut scores = [0f32; CODE_BLOCK];
-            cq.score_block(&block, &mut scores);
+            cq.score_block(&block, 0.0, &mut scores);
             for (lane, row) in rows.iter().enumerate() {
                 let mut code = Vec::new();
                 sq.encode(row, &mut code);

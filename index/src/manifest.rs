@@ -13,12 +13,13 @@ use crate::IndexError;
 
 pub const INDEX_FILE: &str = "index.strata";
 pub const INDEX_MAGIC: [u8; 8] = *b"STRIDX\0\x01";
-/// Version 3: centroids as 4-bit codes ([`CENTROID_CODE_BITS`]) in the archive layout of
-/// version 2. Version 2: centroids as 8-bit codes (v1: f32), per-list and per-group mean
-/// values as f16 (v1: f32 list sums), the query-aware metric recorded per head and in the build
-/// parameters. Version 2 indexes open as they are, version 1 indexes are upgraded in memory
-/// (see `manifest_v1`).
-pub const INDEX_VERSION: u32 = 3;
+/// Version 4: key codes may also be 3-bit residual codes (`codes::RESIDUAL_CODE_BITS`), in the
+/// archive layout of version 2. Version 3: centroids as 4-bit codes ([`CENTROID_CODE_BITS`]).
+/// Version 2: centroids as 8-bit codes (v1: f32), per-list and per-group mean values as f16
+/// (v1: f32 list sums), the query-aware metric recorded per head and in the build parameters.
+/// Versions 2 and 3 open as they are, version 1 indexes are upgraded in memory (see
+/// `manifest_v1`).
+pub const INDEX_VERSION: u32 = 4;
 
 /// Bytes before a posting list's ids: magic, list id, member count, dimension.
 pub const LIST_HEADER_BYTES: usize = 16;
@@ -191,7 +192,12 @@ pub struct MappedManifest {
     payload_len: usize,
     /// Bits of its centroid codes: those of the version it was written in.
     centroid_code_bits: u32,
+    /// Key code widths its version knows.
+    key_code_bits: &'static [u32],
 }
+
+/// Key code widths of versions 1 to 3 (no residual codes).
+const V3_KEY_CODE_BITS: [u32; 4] = [1, 2, 4, 8];
 
 impl MappedManifest {
     pub fn open(dir: &Path) -> Result<Self, IndexError> {
@@ -212,13 +218,15 @@ impl MappedManifest {
         };
         let (payload, version) =
             footer::check_whole_of_versions(&path, &mmap, INDEX_MAGIC, 1..=INDEX_VERSION)?;
-        // Versions 2 and 3 share one layout and differ in the centroid codes' bits.
-        let centroid_code_bits = match version {
-            2 => Some(V2_CENTROID_CODE_BITS),
-            INDEX_VERSION => Some(CENTROID_CODE_BITS),
+        // Versions 2 to 4 share one layout and differ in the centroid codes' bits (8 in
+        // version 2) and in the key codes they may hold (residual codes since version 4).
+        let formats = match version {
+            2 => Some((V2_CENTROID_CODE_BITS, &V3_KEY_CODE_BITS[..])),
+            3 => Some((CENTROID_CODE_BITS, &V3_KEY_CODE_BITS[..])),
+            INDEX_VERSION => Some((CENTROID_CODE_BITS, &crate::codes::CODE_BITS[..])),
             _ => None,
         };
-        if let Some(centroid_code_bits) = centroid_code_bits {
+        if let Some((centroid_code_bits, key_code_bits)) = formats {
             let payload_len = payload.len();
             rkyv::access::<ArchivedManifest, rancor::Error>(payload).map_err(invalid)?;
             return Ok(MappedManifest {
@@ -226,11 +234,12 @@ impl MappedManifest {
                 backing: Backing::Mapped(mmap),
                 payload_len,
                 centroid_code_bits,
+                key_code_bits,
             });
         }
         // Version 1: f32 centroids and value sums, no metric. A new version must decide what
-        // happens to version 3 here first.
-        const _: () = assert!(INDEX_VERSION == 3, "decide how version 3 manifests open");
+        // happens to version 4 here first.
+        const _: () = assert!(INDEX_VERSION == 4, "decide how version 4 manifests open");
         let upgraded = crate::manifest_v1::upgrade(payload).map_err(invalid)?;
         let bytes = rkyv::to_bytes::<rancor::Error>(&upgraded).map_err(invalid)?;
         rkyv::access::<ArchivedManifest, rancor::Error>(&bytes).map_err(invalid)?;
@@ -243,6 +252,7 @@ impl MappedManifest {
             payload_len: bytes.len(),
             backing: Backing::Upgraded(bytes),
             centroid_code_bits: CENTROID_CODE_BITS,
+            key_code_bits: &V3_KEY_CODE_BITS,
         })
     }
 
@@ -260,6 +270,11 @@ impl MappedManifest {
     /// Bits of each centroid code (8 in version 2, 4 since version 3).
     pub fn centroid_code_bits(&self) -> u32 {
         self.centroid_code_bits
+    }
+
+    /// Key code widths the manifest's version may hold (residual codes since version 4).
+    pub fn key_code_bits(&self) -> &'static [u32] {
+        self.key_code_bits
     }
 
     pub fn get(&self) -> &ArchivedManifest {

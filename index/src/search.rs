@@ -21,7 +21,7 @@ use strata_storage::cache::{CacheKey, CacheStats, RamCache};
 use strata_storage::reader::{ReaderKind, ReaderPreference};
 use strata_storage::segment::{ListLocation, SegmentFile};
 
-use crate::codes::{CodeQuery, ScalarQuantizer, CODE_BLOCK};
+use crate::codes::{CodeQuery, ScalarQuantizer, CODE_BLOCK, RESIDUAL_CODE_BITS};
 use crate::linalg::{dot_f16_bytes, f16_bytes_to_f32, top_k_indices};
 use crate::manifest::{f32s, u16s, u32s, ArchivedHeadManifest, ArchivedManifest, MappedManifest};
 use crate::manifest::{LIST_HEADER_BYTES, LIST_MAGIC};
@@ -263,11 +263,16 @@ impl Index {
                     })?;
             let kv = (m.source.kv_heads.to_native() as usize).max(1);
             let place = (i / kv, i % kv);
-            check_head(h, file_len, place, manifest.centroid_code_bits()).map_err(|problem| {
-                IndexError::Open {
-                    path: manifest.path().to_path_buf(),
-                    problem: format!("head {i}: {problem}"),
-                }
+            check_head(
+                h,
+                file_len,
+                place,
+                manifest.centroid_code_bits(),
+                manifest.key_code_bits(),
+            )
+            .map_err(|problem| IndexError::Open {
+                path: manifest.path().to_path_buf(),
+                problem: format!("head {i}: {problem}"),
             })?;
         }
         let list_bounds: Vec<Option<Vec<(u32, u32)>>> = manifest
@@ -629,11 +634,7 @@ impl Index {
 
         // 1. Lists to probe, best centroid first.
         let centroid_codes = head.centroid_codes.as_slice();
-        let csq = ScalarQuantizer {
-            bits: self.manifest.centroid_code_bits(),
-            lo: f32s(&head.centroid_lo).to_vec(),
-            step: f32s(&head.centroid_step).to_vec(),
-        };
+        let csq = self.centroid_quantizer(head);
         let centroid_code_bytes = csq.code_bytes();
         let ccq = csq.query(q);
         let n_lists = head.lists.len();
@@ -705,6 +706,7 @@ impl Index {
         };
         let block_bytes = sq.block_bytes();
         let cq = sq.query(q);
+        let residual = sq.bits == RESIDUAL_CODE_BITS;
         let codes = head.codes.as_slice();
         let block_start = u32s(&head.code_block_start);
         let probe_target = (params.probe_fraction as f64 * visible as f64).ceil() as usize;
@@ -722,7 +724,8 @@ impl Index {
         let mut lane_scores = [0f32; CODE_BLOCK];
         while probed < probe_target && probed_lists < lscores.len() {
             order.reach(&mut lscores, probed_lists, by_score);
-            let l = lscores[probed_lists].1;
+            let (centroid_score, l) = lscores[probed_lists];
+            let base = if residual { centroid_score } else { 0.0 };
             probed_lists += 1;
             // The next list's codes and members lie elsewhere in the manifest: ask for them
             // while this list is scored.
@@ -748,7 +751,7 @@ impl Index {
                     break;
                 }
                 let at = (first_block + b) * block_bytes;
-                cq.score_block(&codes[at..at + block_bytes], &mut lane_scores);
+                cq.score_block(&codes[at..at + block_bytes], base, &mut lane_scores);
                 stats.codes_scored += chunk.len() as u64;
                 let row0 = (b * CODE_BLOCK) as u32;
                 if all_open {
@@ -978,7 +981,20 @@ impl Index {
             if let Some(target) = params.target_mass {
                 let s_lse = match static_lse {
                     Some(s) => s,
-                    None => ctx.static_lse_from_codes(&sq, &cq, &mut stats),
+                    None => {
+                        // Residual codes add their list's centroid score.
+                        let csq = self.centroid_quantizer(head);
+                        let (ccq, cb) = (csq.query(q), csq.code_bytes());
+                        let centroids = head.centroid_codes.as_slice();
+                        let base = |l: usize| {
+                            if sq.bits == RESIDUAL_CODE_BITS {
+                                ccq.score(&centroids[l * cb..(l + 1) * cb])
+                            } else {
+                                0.0
+                            }
+                        };
+                        ctx.static_lse_from_codes(&sq, &cq, &base, &mut stats)
+                    }
                 };
                 attend = adaptive_count(
                     target as f64,
@@ -1033,6 +1049,15 @@ impl Index {
         out.stats.search_ns =
             plan_ns + out.stats.io_ns + finish_started.elapsed().as_nanos() as u64;
         Ok(out)
+    }
+
+    /// The quantiser of a head's centroid codes.
+    fn centroid_quantizer(&self, head: &ArchivedHeadManifest) -> ScalarQuantizer {
+        ScalarQuantizer {
+            bits: self.manifest.centroid_code_bits(),
+            lo: f32s(&head.centroid_lo).to_vec(),
+            step: f32s(&head.centroid_step).to_vec(),
+        }
     }
 
     fn kv_heads(&self) -> usize {
@@ -1214,6 +1239,7 @@ impl EstimateContext<'_> {
         &self,
         sq: &ScalarQuantizer,
         cq: &CodeQuery,
+        list_base: &dyn Fn(usize) -> f32,
         stats: &mut SearchStats,
     ) -> f32 {
         let block_bytes = sq.block_bytes();
@@ -1242,7 +1268,7 @@ impl EstimateContext<'_> {
                 let block = first_block as usize + i / CODE_BLOCK;
                 if block != scored_block {
                     let at = block * block_bytes;
-                    cq.score_block(&codes[at..at + block_bytes], &mut lanes);
+                    cq.score_block(&codes[at..at + block_bytes], list_base(l), &mut lanes);
                     stats.estimate_bytes += block_bytes as u64;
                     scored_block = block;
                 }
@@ -1714,15 +1740,16 @@ fn check_head(
     segment_len: u64,
     place: (usize, usize),
     centroid_code_bits: u32,
+    key_code_bits: &[u32],
 ) -> Result<(), String> {
     let dim = h.dim.to_native() as usize;
     let lists = h.lists.len();
     let tokens = h.tokens.to_native() as usize;
     let bits = h.code_bits.to_native();
-    if dim == 0 || ![1u32, 2, 4, 8].contains(&bits) {
+    if dim == 0 || !key_code_bits.contains(&bits) {
         return Err(format!("dim {dim} / code bits {bits} invalid"));
     }
-    let code_bytes = dim.div_ceil(8 / bits as usize);
+    let code_bytes = crate::codes::code_bytes(bits, dim);
     let centroid_code_bytes = dim.div_ceil(8 / centroid_code_bits as usize);
     let checks = [
         (

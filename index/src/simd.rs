@@ -197,6 +197,124 @@ pub fn score_nibble_block(_block: &[u8], _pairs: &[i32]) -> Option<[i32; 16]> {
     None
 }
 
+/// Adds to `acc` the scores of one block plane of `bits`-bit codes (1 or 2 bits, `8 / bits`
+/// codes per byte, 16 keys each, byte-major): key i gets, per byte k and slot pair p,
+/// `w_lo·slot(2p) + w_hi·slot(2p+1)` with `pairs[k · slots/2 + p]` holding `w_lo` in its low and
+/// `w_hi` in its high 16 bits (the nibble kernel's scheme, two slots per multiply-add). false
+/// without AVX2 or for other widths, where the caller's scalar loop does the work.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+#[inline]
+pub fn score_pair_plane(plane: &[u8], bits: u32, pairs: &[i32], acc: &mut [i32; 16]) -> bool {
+    use std::arch::x86_64::*;
+    if bits != 1 && bits != 2 {
+        return false;
+    }
+    let per_byte = 4 / bits as usize;
+    let bytes = pairs.len() / per_byte;
+    if plane.len() < 16 * bytes {
+        return false;
+    }
+    // SAFETY: the cfg guarantees AVX2 at compile time. Byte k of the plane is read at
+    // [16k, 16k + 16) with k < bytes, inside `plane` (checked above); pairs are indexed below
+    // bytes · per_byte = its length or less. `acc` holds 16 i32: the two loads and stores
+    // touch 8 each. All loads and stores are unaligned.
+    unsafe {
+        let mask = _mm_set1_epi8(((1u32 << bits) - 1) as i8);
+        let mut acc0 = _mm256_loadu_si256(acc.as_ptr() as *const __m256i);
+        let mut acc1 = _mm256_loadu_si256(acc.as_ptr().add(8) as *const __m256i);
+        for k in 0..bytes {
+            let lanes = _mm_loadu_si128(plane.as_ptr().add(16 * k) as *const __m128i);
+            for p in 0..per_byte {
+                let shift = (2 * p) as i32 * bits as i32;
+                let lo = _mm_and_si128(_mm_srl_epi16(lanes, _mm_cvtsi32_si128(shift)), mask);
+                let hi = _mm_and_si128(
+                    _mm_srl_epi16(lanes, _mm_cvtsi32_si128(shift + bits as i32)),
+                    mask,
+                );
+                let a = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(lo, hi));
+                let b = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(lo, hi));
+                let w = _mm256_set1_epi32(*pairs.get_unchecked(k * per_byte + p));
+                acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(a, w));
+                acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(b, w));
+            }
+        }
+        _mm256_storeu_si256(acc.as_mut_ptr() as *mut __m256i, acc0);
+        _mm256_storeu_si256(acc.as_mut_ptr().add(8) as *mut __m256i, acc1);
+    }
+    true
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
+#[inline]
+pub fn score_pair_plane(_plane: &[u8], _bits: u32, _pairs: &[i32], _acc: &mut [i32; 16]) -> bool {
+    false
+}
+
+/// Scores one block of 3-bit codes stored as planes (`codes::planes`): `low` bytes of the low
+/// two bits (dimension 4k + s in slot s of byte k), then the high bits (dimension 8m + t in bit
+/// t of byte m), 16 keys each, byte-major. Each byte of the low plane is joined with the four
+/// high bits of its dimensions, so that every pair of dimensions costs one multiply-add, as in
+/// the nibble kernel; `pairs[2k + p]` holds the weights of dimensions 4k + 2p and 4k + 2p + 1.
+/// None without AVX2.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+#[inline]
+pub fn score_split3_block(block: &[u8], low: usize, pairs: &[i32]) -> Option<[i32; 16]> {
+    use std::arch::x86_64::*;
+    if pairs.len() != 2 * low || block.len() < 16 * (low + low.div_ceil(2)) {
+        return None;
+    }
+    let mut out = [0i32; 16];
+    // SAFETY: the cfg guarantees AVX2 at compile time. Low byte k is read at [16k, 16k + 16)
+    // with k < low, its high byte at 16·(low + k/2) with k/2 < ceil(low/2), both inside `block`
+    // (checked above); pairs are indexed below 2·low = its length. The two stores write 8 i32
+    // each into `out`, which holds 16. All loads and stores are unaligned.
+    unsafe {
+        let m3 = _mm_set1_epi8(3);
+        let m4 = _mm_set1_epi8(4);
+        // Bit t of every byte of `b`, moved to bit 2.
+        let high = |b: __m128i, t: i32| {
+            let moved = if t >= 2 {
+                _mm_srl_epi16(b, _mm_cvtsi32_si128(t - 2))
+            } else {
+                _mm_sll_epi16(b, _mm_cvtsi32_si128(2 - t))
+            };
+            _mm_and_si128(moved, m4)
+        };
+        let mut acc0 = _mm256_setzero_si256();
+        let mut acc1 = _mm256_setzero_si256();
+        for k in 0..low {
+            let a = _mm_loadu_si128(block.as_ptr().add(16 * k) as *const __m128i);
+            let b = _mm_loadu_si128(block.as_ptr().add(16 * (low + k / 2)) as *const __m128i);
+            let o = 4 * (k % 2) as i32;
+            for p in 0..2 {
+                let (s0, s1) = (2 * p as i32, 2 * p as i32 + 1);
+                let c0 = _mm_or_si128(
+                    _mm_and_si128(_mm_srl_epi16(a, _mm_cvtsi32_si128(2 * s0)), m3),
+                    high(b, o + s0),
+                );
+                let c1 = _mm_or_si128(
+                    _mm_and_si128(_mm_srl_epi16(a, _mm_cvtsi32_si128(2 * s1)), m3),
+                    high(b, o + s1),
+                );
+                let x = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(c0, c1));
+                let y = _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(c0, c1));
+                let w = _mm256_set1_epi32(*pairs.get_unchecked(2 * k + p));
+                acc0 = _mm256_add_epi32(acc0, _mm256_madd_epi16(x, w));
+                acc1 = _mm256_add_epi32(acc1, _mm256_madd_epi16(y, w));
+            }
+        }
+        _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, acc0);
+        _mm256_storeu_si256(out.as_mut_ptr().add(8) as *mut __m256i, acc1);
+    }
+    Some(out)
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
+#[inline]
+pub fn score_split3_block(_block: &[u8], _low: usize, _pairs: &[i32]) -> Option<[i32; 16]> {
+    None
+}
+
 /// The SIMD part: the sum over the first `8·⌊n/8⌋` elements and that count.
 #[cfg(all(
     target_arch = "x86_64",

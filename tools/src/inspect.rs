@@ -79,10 +79,16 @@ pub fn run(dir: Option<&Path>, defaults: bool, verify: bool) -> Result<()> {
         src.head_dim,
         src.tokens
     );
+    let key_bits = m.build.code_bits.to_native();
     println!(
-        "  files       manifest {:.2} MiB (mapped, {}-bit centroid codes), {} segment files, reader {}",
+        "  files       manifest {:.2} MiB (mapped, {}-bit centroid codes, {key_bits}-bit {} codes), {} segment files, reader {}",
         index_bytes(dir) as f64 / (1 << 20) as f64,
         index.centroid_code_bits(),
+        if key_bits == strata_index::codes::RESIDUAL_CODE_BITS {
+            "residual"
+        } else {
+            "key"
+        },
         m.segments.len(),
         index
             .reader_kind()

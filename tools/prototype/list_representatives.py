@@ -1,0 +1,61 @@
+"""List representatives prototype (numpy): each list also keeps one or two member keys (the
+most attended by the train queries, or the farthest from the centroid under the query
+metric) as 4-bit codes; lists ranked by max(centroid, representatives) or their mean. Probed
+keys scored exactly. A random N evaluation queries per head.
+
+    python3 tools/prototype/list_representatives.py out/dumps/gemma3-devil-16k.safetensors 8
+"""
+import sys, numpy as np
+sys.path.insert(0, __import__('os').path.dirname(__file__))
+from routing import load, load_dump, quant, head_clusters, query_context, rerank
+path=sys.argv[1]; nq=int(sys.argv[2])
+scales,K,Qe,Qt,qpos,g=load_dump(path); tpos=load(path)['train_positions']; L,kvh,T,D=K.shape
+rng=np.random.default_rng(1); budget=0.02
+acc={}
+for l in range(L):
+  for h in range(kvh):
+    Kh=K[l,h]; Qtr=Qt[l,h*g:(h+1)*g].reshape(-1,D); Tp=np.tile(tpos,g); k=T//32
+    a,C,w,V=head_clusters(Kh,Qtr,k,metric=True)
+    Cq=quant(C,4)
+    # attention received by each key from train queries (softmax over visible non-static)
+    att=np.zeros(T)
+    for i in range(0,len(Qtr),256):
+      S=Qtr[i:i+256]@Kh.T*scales[l]
+      for j in range(S.shape[0]):
+        p=int(Tp[i+j]); vis=p+1
+        if vis<256: continue
+        z=S[j,:vis].copy(); z[:4]=-np.inf; z[max(0,vis-64):]=-np.inf
+        e=np.exp(z-z.max()); e/=e.sum(); att[:vis]+=e
+    # metric-space extremeness: |W^T (k-c)|
+    W=V*np.sqrt(w); ext=(((Kh-C[a])@W)**2).sum(1)
+    reps={}
+    for name,crit in (('att',att),('ext',ext)):
+      R1=np.zeros((k,D)); R2=np.zeros((k,D))
+      for j in range(k):
+        m=np.nonzero(a==j)[0]
+        if len(m)==0: R1[j]=R2[j]=C[j]; continue
+        o=m[np.argsort(-crit[m])]
+        R1[j]=Kh[o[0]]; R2[j]=Kh[o[1]] if len(o)>1 else Kh[o[0]]
+      reps[name]=(quant(R1,4),quant(R2,4))
+    sel=rng.choice(Qe.shape[2],nq,replace=False)
+    for hq in range(h*g,(h+1)*g):
+      for qi in sel:
+        q=Qe[l,hq,qi]; p=qpos[qi]; vis=p+1
+        s,e,stat,nb,top100,ormass,lo_,cum=query_context(Kh,q,p,scales[l],a,Cq,k,budget)
+        open_=~stat; aa=a[:vis]
+        sizes=np.bincount(aa[open_],minlength=k)
+        cs=Cq@q
+        routes={'centroid':cs}
+        for name,(R1,R2) in reps.items():
+          r1=R1@q; r2=R2@q
+          routes[name+'1max']=np.maximum(cs,r1); routes[name+'2max']=np.maximum(np.maximum(cs,r1),r2)
+          routes[name+'1avg']=0.5*(cs+r1)
+        for name,sc in routes.items():
+          o=np.argsort(-sc); c2=np.cumsum(sizes[o])
+          for f in (0.1,0.16,0.2):
+            n=np.searchsorted(c2,f*vis)+1
+            idx=np.nonzero(np.isin(aa,o[:n])&open_)[0]
+            rec,mass=rerank(idx,s[idx],s,e,stat,nb,top100,1.0)
+            acc.setdefault((name,f),[]).append((rec,mass,ormass))
+for key,v in sorted(acc.items()):
+    v=np.array(v); print(path.split('/')[-1][:12],'%-11s probe=%.2f R@100=%.3f mass=%.4f oracle=%.4f gap=%.4f'%(key+tuple(v.mean(0))+(v[:,2].mean()-v[:,1].mean(),)))

@@ -1,0 +1,52 @@
+"""Routing headroom prototype (numpy): how much covered mass the list order loses. Lists
+(query-metric k-means, 32 keys) are ranked by their centroid score, by the true best member
+score (oracle-max), by the true attention mass (oracle-mass), or by the centroid score plus 1 or
+2 standard deviations of a rank-1-plus-isotropic model of the list's spread; the probed keys are
+then scored exactly (no code error), so the gap to the oracle is the routing's alone. A random
+N evaluation queries per head.
+
+    python3 tools/prototype/routing_headroom.py out/dumps/gemma3-devil-16k.safetensors 8
+"""
+import sys, numpy as np
+sys.path.insert(0, __import__('os').path.dirname(__file__))
+from routing import load_dump, quant, head_clusters, query_context, rerank
+path=sys.argv[1]; nq=int(sys.argv[2])
+scales,K,Qe,Qt,qpos,g=load_dump(path); L,kvh,T,D=K.shape
+rng=np.random.default_rng(1); budget=0.02
+acc={}
+for l in range(L):
+  for h in range(kvh):
+    Kh=K[l,h]; Qtr=Qt[l,h*g:(h+1)*g].reshape(-1,D); k=T//32
+    a,C,w,V=head_clusters(Kh,Qtr,k,metric=True)
+    Cq=quant(C,4)
+    # per-list top principal direction of residuals and stds
+    R=Kh-C[a]
+    U=np.zeros((k,D)); s1=np.zeros(k); sr=np.zeros(k)
+    for j in range(k):
+      m=R[a==j]
+      if len(m)<2: continue
+      _,sv,vt=np.linalg.svd(m,full_matrices=False)
+      U[j]=vt[0]; s1[j]=sv[0]/np.sqrt(len(m)); sr[j]=np.sqrt(max((sv[1:]**2).sum(),0)/len(m)/(D-1))
+    sel=rng.choice(Qe.shape[2],nq,replace=False)
+    for hq in range(h*g,(h+1)*g):
+      for qi in sel:
+        q=Qe[l,hq,qi]; p=qpos[qi]; vis=p+1
+        s,e,stat,nb,top100,ormass,lo_,cum=query_context(Kh,q,p,scales[l],a,Cq,k,budget)
+        open_=(~stat)&(np.arange(vis)<vis)
+        sv_=np.where(stat,-np.inf,s)
+        aa=a[:vis]
+        sizes=np.bincount(aa[open_],minlength=k)
+        mx=np.full(k,-np.inf); np.maximum.at(mx,aa[open_],s[:vis][open_])
+        ms=np.zeros(k); np.add.at(ms,aa[open_],e[:vis][open_])
+        cs=Cq@q; uq=U@q; qn=q@q
+        spread=np.sqrt(s1**2*uq**2+sr**2*(qn-uq**2))
+        routes={'centroid':cs,'oracle-max':mx,'oracle-mass':ms,'cent+1sd':cs+1.0*spread,'cent+2sd':cs+2.0*spread}
+        for name,sc in routes.items():
+          o=np.argsort(-sc); c2=np.cumsum(sizes[o])
+          for f in (0.1,0.16,0.3):
+            n=np.searchsorted(c2,f*vis)+1
+            idx=np.nonzero(np.isin(aa,o[:n])&open_)[0]
+            rec,mass=rerank(idx,s[idx],s,e,stat,nb,top100,1.0)
+            acc.setdefault((name,f),[]).append((rec,mass,ormass))
+for key,v in sorted(acc.items()):
+    v=np.array(v); print(path.split('/')[-1][:12],'%-11s probe=%.2f R@100=%.3f mass=%.4f oracle=%.4f gap=%.4f'%(key+tuple(v.mean(0))+(v[:,2].mean()-v[:,1].mean(),)))

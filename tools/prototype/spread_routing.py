@@ -1,0 +1,42 @@
+"""Spread-aware routing prototype (numpy): lists ranked by `q·c + beta·sqrt(Σ_d q_d² var_ld)`,
+the centroid score plus beta standard deviations of the list's member scores under a per-list
+diagonal variance of the residuals (4-bit codes, as many bytes as the centroids), against the
+centroid score alone. Probed keys scored exactly. A random N evaluation queries per head.
+
+    python3 tools/prototype/spread_routing.py out/dumps/gemma3-devil-16k.safetensors 24
+"""
+import sys, numpy as np
+sys.path.insert(0, __import__('os').path.dirname(__file__))
+from routing import load_dump, quant, head_clusters, query_context, rerank
+path=sys.argv[1]; nq=int(sys.argv[2])
+scales,K,Qe,Qt,qpos,g=load_dump(path); L,kvh,T,D=K.shape
+rng=np.random.default_rng(7); budget=0.02
+acc={}
+for l in range(L):
+  for h in range(kvh):
+    Kh=K[l,h]; Qtr=Qt[l,h*g:(h+1)*g].reshape(-1,D); k=T//32
+    a,C,w,V=head_clusters(Kh,Qtr,k,metric=True)
+    Cq=quant(C,4); R=Kh-Cq[a]
+    cnt=np.maximum(np.bincount(a,minlength=k),1).astype(float)
+    diag=np.zeros((k,D)); np.add.at(diag,a,R**2); diag/=cnt[:,None]
+    dq=quant(diag,4)
+    sel=rng.choice(Qe.shape[2],nq,replace=False)
+    for hq in range(h*g,(h+1)*g):
+      for qi in sel:
+        q=Qe[l,hq,qi]; p=qpos[qi]; vis=p+1
+        s,e,stat,nb,top100,ormass,lo_,cum=query_context(Kh,q,p,scales[l],a,Cq,k,budget)
+        open_=~stat; aa=a[:vis]
+        sizes=np.bincount(aa[open_],minlength=k)
+        cs=Cq@q
+        routes={'centroid':cs}
+        sdd=np.sqrt(np.maximum(dq@(q*q),0))
+        for b in (1.0,1.5,2.0,3.0): routes[f'diag{b}']=cs+b*sdd
+        for name,sc in routes.items():
+          o=np.argsort(-sc); c2=np.cumsum(sizes[o])
+          for f in (0.12,0.16,0.2,0.3):
+            n=np.searchsorted(c2,f*vis)+1
+            idx=np.nonzero(np.isin(aa,o[:n])&open_)[0]
+            rec,mass=rerank(idx,s[idx],s,e,stat,nb,top100,1.0)
+            acc.setdefault((name,f),[]).append((rec,mass,ormass))
+for key,v in sorted(acc.items(), key=lambda kv:(kv[0][1],kv[0][0])):
+    v=np.array(v); print(path.split('/')[-1][:12],'%-9s probe=%.2f R@100=%.3f mass=%.4f oracle=%.4f gap=%.4f'%(key+tuple(v.mean(0))+(v[:,2].mean()-v[:,1].mean(),)))
