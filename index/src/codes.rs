@@ -171,7 +171,8 @@ impl ScalarQuantizer {
 
     /// Prepares a query for scoring codes. The per-dimension weights `q_d · step_d` are
     /// quantised to i16 so that scoring is an integer multiply-add that AVX2 does 16 lanes at
-    /// a time; the rounding error is below 2^-15 of the largest weight per dimension.
+    /// a time; the rounding error is below 2^-15 of the largest weight per dimension (2^-13
+    /// for 3-bit codes, whose high plane weighs 4×).
     pub fn query(&self, q: &[f32]) -> CodeQuery {
         let nbytes = self.code_bytes();
         let levels = ((1u32 << self.bits) - 1) as f32;
@@ -190,7 +191,7 @@ impl ScalarQuantizer {
         } else {
             1.0
         };
-        // weights[at + s·n + j]: weight of the code in slot s of byte j of the plane whose
+        // weights[8·at + s·n + j]: weight of the code in slot s of byte j of the plane whose
         // bytes start at `at` (n bytes).
         let mut weights = vec![0i16; 8 * nbytes];
         for &(at, n, bits, scale) in planes.iter().filter(|p| p.1 > 0) {
