@@ -88,7 +88,6 @@ fn small_budget_respects_rules_and_finds_top_keys() {
     };
     let index = open(&dir).unwrap();
     let params = SearchParams::default();
-    let dim = dump.meta.head_dim;
     let mut hits = 0usize;
     let mut total = 0usize;
     for qi in (0..dump.query_positions.len()).step_by(7) {
@@ -109,14 +108,7 @@ fn small_budget_respects_rules_and_finds_top_keys() {
                 assert!(seen.insert(t), "duplicate token {t}");
             }
             // Compare with the exact top `budget` non-static tokens.
-            let keys = dump.keys.slice2(1, kvh);
-            let mut exact: Vec<(f32, u32)> = (0..=p as u32)
-                .filter(|&t| !params.is_static(t as usize, p))
-                .map(|t| (dot(&keys[t as usize * dim..(t as usize + 1) * dim], q), t))
-                .collect();
-            exact.sort_by(|a, b| b.0.total_cmp(&a.0));
-            let top: std::collections::HashSet<u32> =
-                exact.iter().take(budget).map(|x| x.1).collect();
+            let top = exact_top(&dump, 1, kvh, q, p, &params);
             hits += r.tokens.iter().filter(|t| top.contains(t)).count();
             total += budget;
         }
@@ -124,6 +116,29 @@ fn small_budget_respects_rules_and_finds_top_keys() {
     let recall = hits as f64 / total as f64;
     println!("recall of the exact top-budget tokens: {recall:.3}");
     assert!(recall > 0.8, "recall {recall}");
+}
+
+/// The exact best `budget` non-static tokens of layer `layer`, KV head `kvh`, for `q` at `p`.
+fn exact_top(
+    dump: &KvDump,
+    layer: usize,
+    kvh: usize,
+    q: &[f32],
+    p: usize,
+    params: &SearchParams,
+) -> std::collections::HashSet<u32> {
+    let dim = dump.meta.head_dim;
+    let keys = dump.keys.slice2(layer, kvh);
+    let mut exact: Vec<(f32, u32)> = (0..=p as u32)
+        .filter(|&t| !params.is_static(t as usize, p))
+        .map(|t| (dot(&keys[t as usize * dim..(t as usize + 1) * dim], q), t))
+        .collect();
+    exact.sort_by(|a, b| b.0.total_cmp(&a.0));
+    exact
+        .iter()
+        .take(params.budget_tokens(p))
+        .map(|x| x.1)
+        .collect()
 }
 
 #[test]
@@ -211,15 +226,8 @@ fn residual_codes_rank_as_well_as_key_codes_in_fewer_bytes() {
         let p = dump.query_positions[qi];
         for qh in 0..dump.meta.q_heads {
             let (q, kvh) = (dump.queries.row(1, qh, qi), dump.kv_head_of(qh));
-            let keys = dump.keys.slice2(1, kvh);
             let budget = small.budget_tokens(p);
-            let mut exact: Vec<(f32, u32)> = (0..=p as u32)
-                .filter(|&t| !small.is_static(t as usize, p))
-                .map(|t| (dot(&keys[t as usize * dim..(t as usize + 1) * dim], q), t))
-                .collect();
-            exact.sort_by(|a, b| b.0.total_cmp(&a.0));
-            let top: std::collections::HashSet<u32> =
-                exact.iter().take(budget).map(|x| x.1).collect();
+            let top = exact_top(&dump, 1, kvh, q, p, &small);
             let found = |index: &Index| {
                 let r = index.search(1, kvh, q, p, &small).unwrap();
                 r.tokens.iter().filter(|t| top.contains(t)).count()

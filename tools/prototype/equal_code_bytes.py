@@ -6,13 +6,10 @@
 """
 import sys, numpy as np
 sys.path.insert(0, __import__('os').path.dirname(__file__))
-from routing import load_dump, quant, head_clusters, query_context, probed_members, rerank
+from routing import load_dump, quant, qclip, head_clusters, query_context, probed_members, rerank
 path=sys.argv[1]; nq=int(sys.argv[2])
 scales,K,Qe,Qt,qpos,g=load_dump(path); L,kvh,T,D=K.shape
 rng=np.random.default_rng(1); budget=0.02; LS=32
-def qclip(X,b,pct):
-    lo=np.percentile(X,pct,axis=0); hi=np.percentile(X,100-pct,axis=0); st=(hi-lo)/(2**b-1); st[st==0]=1
-    return np.clip(np.round((X-lo)/st),0,2**b-1)*st+lo
 acc={}
 for l in range(L):
   for h in range(kvh):

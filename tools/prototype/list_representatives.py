@@ -7,7 +7,7 @@ keys scored exactly. A random N evaluation queries per head.
 """
 import sys, numpy as np
 sys.path.insert(0, __import__('os').path.dirname(__file__))
-from routing import load, load_dump, quant, head_clusters, query_context, rerank
+from routing import probe_by, report, load, load_dump, quant, head_clusters, query_context, rerank
 path=sys.argv[1]; nq=int(sys.argv[2])
 scales,K,Qe,Qt,qpos,g=load_dump(path); tpos=load(path)['train_positions']; L,kvh,T,D=K.shape
 rng=np.random.default_rng(1); budget=0.02
@@ -43,7 +43,6 @@ for l in range(L):
         q=Qe[l,hq,qi]; p=qpos[qi]; vis=p+1
         s,e,stat,nb,top100,ormass,lo_,cum=query_context(Kh,q,p,scales[l],a,Cq,k,budget)
         open_=~stat; aa=a[:vis]
-        sizes=np.bincount(aa[open_],minlength=k)
         cs=Cq@q
         routes={'centroid':cs}
         for name,(R1,R2) in reps.items():
@@ -51,11 +50,8 @@ for l in range(L):
           routes[name+'1max']=np.maximum(cs,r1); routes[name+'2max']=np.maximum(np.maximum(cs,r1),r2)
           routes[name+'1avg']=0.5*(cs+r1)
         for name,sc in routes.items():
-          o=np.argsort(-sc); c2=np.cumsum(sizes[o])
           for f in (0.1,0.16,0.2):
-            n=np.searchsorted(c2,f*vis)+1
-            idx=np.nonzero(np.isin(aa,o[:n])&open_)[0]
+            idx=probe_by(sc,aa,open_,f,vis)
             rec,mass=rerank(idx,s[idx],s,e,stat,nb,top100,1.0)
             acc.setdefault((name,f),[]).append((rec,mass,ormass))
-for key,v in sorted(acc.items()):
-    v=np.array(v); print(path.split('/')[-1][:12],'%-11s probe=%.2f R@100=%.3f mass=%.4f oracle=%.4f gap=%.4f'%(key+tuple(v.mean(0))+(v[:,2].mean()-v[:,1].mean(),)))
+report(acc,path)

@@ -9,14 +9,10 @@ keys). Recall@100 and covered mass at probes 0.14, 0.2 and 0.3 (query-metric lis
 """
 import sys, json, numpy as np
 sys.path.insert(0, __import__('os').path.dirname(__file__))
-from routing import load_dump, quant, head_clusters, query_context, probed_members, rerank
+from routing import load_dump, quant, qclip, head_clusters, query_context, probed_members, rerank
 path=sys.argv[1]; nq=int(sys.argv[2]) if len(sys.argv)>2 else 24
 scales,K,Qe,Qt,qpos,g=load_dump(path); L,kvh,T,D=K.shape
 rng=np.random.default_rng(1); budget=0.02; LS=32
-def qclip(X,b,pct):
-    """Like quant, over the range between the pct-th and (100-pct)-th percentiles (clipped)."""
-    lo=np.percentile(X,pct,axis=0); hi=np.percentile(X,100-pct,axis=0); st=(hi-lo)/(2**b-1); st[st==0]=1
-    return np.clip(np.round((X-lo)/st),0,2**b-1)*st+lo
 acc={}
 for l in range(L):
   for h in range(kvh):

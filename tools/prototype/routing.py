@@ -20,6 +20,21 @@ def quant(X, b):
     """Per-channel uniform b-bit quantisation of the rows of X (min to max), decoded."""
     lo=X.min(0); st=(X.max(0)-lo)/(2**b-1); st[st==0]=1
     return np.clip(np.round((X-lo)/st),0,2**b-1)*st+lo
+def qclip(X, b, pct):
+    """Like quant, over the range between the pct-th and (100-pct)-th percentiles (clipped)."""
+    lo=np.percentile(X,pct,axis=0); hi=np.percentile(X,100-pct,axis=0); st=(hi-lo)/(2**b-1); st[st==0]=1
+    return np.clip(np.round((X-lo)/st),0,2**b-1)*st+lo
+def probe_by(scores, aa, open_, f, vis):
+    """Visible, non-static keys (assignment aa of the visible keys, mask open_) of the lists best
+    by `scores` until their open members reach a fraction f."""
+    sizes=np.bincount(aa[open_],minlength=len(scores)); o=np.argsort(-scores); c=np.cumsum(sizes[o])
+    n=np.searchsorted(c,f*vis)+1
+    return np.nonzero(np.isin(aa,o[:n])&open_)[0]
+def report(acc, path, width=11):
+    """Prints, per key of acc (name, probe, ...), the mean recall@100, mass, oracle mass and gap."""
+    for key,v in sorted(acc.items()):
+        v=np.array(v)
+        print(path.split('/')[-1][:12],('%-'+str(width)+'s probe=%.2f')%key[:2],*key[2:],'R@100=%.3f mass=%.4f oracle=%.4f gap=%.4f'%(tuple(v.mean(0))+(v[:,2].mean()-v[:,1].mean(),)))
 def load_dump(path):
     """A dump's metadata and arrays as f32: (softmax scales, keys, evaluation queries, train
     queries, query positions, query heads per KV head)."""

@@ -9,7 +9,7 @@ N evaluation queries per head.
 """
 import sys, numpy as np
 sys.path.insert(0, __import__('os').path.dirname(__file__))
-from routing import load_dump, quant, head_clusters, query_context, rerank
+from routing import probe_by, report, load_dump, quant, head_clusters, query_context, rerank
 path=sys.argv[1]; nq=int(sys.argv[2])
 scales,K,Qe,Qt,qpos,g=load_dump(path); L,kvh,T,D=K.shape
 rng=np.random.default_rng(1); budget=0.02
@@ -35,18 +35,14 @@ for l in range(L):
         open_=(~stat)&(np.arange(vis)<vis)
         sv_=np.where(stat,-np.inf,s)
         aa=a[:vis]
-        sizes=np.bincount(aa[open_],minlength=k)
         mx=np.full(k,-np.inf); np.maximum.at(mx,aa[open_],s[:vis][open_])
         ms=np.zeros(k); np.add.at(ms,aa[open_],e[:vis][open_])
         cs=Cq@q; uq=U@q; qn=q@q
         spread=np.sqrt(s1**2*uq**2+sr**2*(qn-uq**2))
         routes={'centroid':cs,'oracle-max':mx,'oracle-mass':ms,'cent+1sd':cs+1.0*spread,'cent+2sd':cs+2.0*spread}
         for name,sc in routes.items():
-          o=np.argsort(-sc); c2=np.cumsum(sizes[o])
           for f in (0.1,0.16,0.3):
-            n=np.searchsorted(c2,f*vis)+1
-            idx=np.nonzero(np.isin(aa,o[:n])&open_)[0]
+            idx=probe_by(sc,aa,open_,f,vis)
             rec,mass=rerank(idx,s[idx],s,e,stat,nb,top100,1.0)
             acc.setdefault((name,f),[]).append((rec,mass,ormass))
-for key,v in sorted(acc.items()):
-    v=np.array(v); print(path.split('/')[-1][:12],'%-11s probe=%.2f R@100=%.3f mass=%.4f oracle=%.4f gap=%.4f'%(key+tuple(v.mean(0))+(v[:,2].mean()-v[:,1].mean(),)))
+report(acc,path)

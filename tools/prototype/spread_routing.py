@@ -7,7 +7,7 @@ centroid score alone. Probed keys scored exactly. A random N evaluation queries 
 """
 import sys, numpy as np
 sys.path.insert(0, __import__('os').path.dirname(__file__))
-from routing import load_dump, quant, head_clusters, query_context, rerank
+from routing import probe_by, report, load_dump, quant, head_clusters, query_context, rerank
 path=sys.argv[1]; nq=int(sys.argv[2])
 scales,K,Qe,Qt,qpos,g=load_dump(path); L,kvh,T,D=K.shape
 rng=np.random.default_rng(7); budget=0.02
@@ -26,17 +26,13 @@ for l in range(L):
         q=Qe[l,hq,qi]; p=qpos[qi]; vis=p+1
         s,e,stat,nb,top100,ormass,lo_,cum=query_context(Kh,q,p,scales[l],a,Cq,k,budget)
         open_=~stat; aa=a[:vis]
-        sizes=np.bincount(aa[open_],minlength=k)
         cs=Cq@q
         routes={'centroid':cs}
         sdd=np.sqrt(np.maximum(dq@(q*q),0))
         for b in (1.0,1.5,2.0,3.0): routes[f'diag{b}']=cs+b*sdd
         for name,sc in routes.items():
-          o=np.argsort(-sc); c2=np.cumsum(sizes[o])
           for f in (0.12,0.16,0.2,0.3):
-            n=np.searchsorted(c2,f*vis)+1
-            idx=np.nonzero(np.isin(aa,o[:n])&open_)[0]
+            idx=probe_by(sc,aa,open_,f,vis)
             rec,mass=rerank(idx,s[idx],s,e,stat,nb,top100,1.0)
             acc.setdefault((name,f),[]).append((rec,mass,ormass))
-for key,v in sorted(acc.items(), key=lambda kv:(kv[0][1],kv[0][0])):
-    v=np.array(v); print(path.split('/')[-1][:12],'%-9s probe=%.2f R@100=%.3f mass=%.4f oracle=%.4f gap=%.4f'%(key+tuple(v.mean(0))+(v[:,2].mean()-v[:,1].mean(),)))
+report(acc,path)
