@@ -22,7 +22,7 @@ use crate::manifest::{
     LIST_HEADER_BYTES, LIST_MAGIC,
 };
 use crate::metric::QueryMetric;
-use crate::params::{BuildParams, RESIDUAL_CLIP_PERCENTILE};
+use crate::params::{BuildParams, RESIDUAL_CLIP_PERCENTILE, RESIDUAL_FIT_SAMPLE};
 use crate::{IndexError, IndexResult};
 
 /// Called after each (layer, KV head) is clustered: `(done, total)`.
@@ -139,43 +139,49 @@ fn build_head(arrays: HeadArrays, dim: usize, params: &BuildParams, seed: u64) -
     let (csq, centroid_codes, group_centroid_codes) =
         encode_centroids(&centroids, &hierarchy.group_centroids, dim);
     // Residual codes encode each key's residual from its list's centroid as search decodes
-    // it: those rows, list by list.
-    let residual_rows: Option<Vec<f32>> = (params.code_bits == RESIDUAL_CODE_BITS).then(|| {
-        let cb = csq.code_bytes();
-        let mut rows = Vec::with_capacity(n * dim);
+    // it. Their range comes from a sample of the residuals (every `stride`-th key, list by
+    // list), so that the build holds no second copy of the keys.
+    let residual = params.code_bits == RESIDUAL_CODE_BITS;
+    let centroid_bytes = csq.code_bytes();
+    let base_of =
+        |j: usize| csq.decode(&centroid_codes[j * centroid_bytes..(j + 1) * centroid_bytes]);
+    let key_of = |t: u32| &keys[t as usize * dim..(t as usize + 1) * dim];
+    let residual_of = |t: u32, base: &[f32]| -> Vec<f32> {
+        key_of(t).iter().zip(base).map(|(k, c)| k - c).collect()
+    };
+    let sq = if residual {
+        let stride = n.div_ceil(RESIDUAL_FIT_SAMPLE).max(1);
+        let mut sample = Vec::with_capacity(n.min(RESIDUAL_FIT_SAMPLE) * dim);
+        let mut seen = 0;
         for (j, list) in primary.iter().enumerate() {
-            let base = csq.decode(&centroid_codes[j * cb..(j + 1) * cb]);
+            let base = base_of(j);
             for &t in list {
-                let key = &keys[t as usize * dim..(t as usize + 1) * dim];
-                rows.extend(key.iter().zip(&base).map(|(k, c)| k - c));
+                if seen % stride == 0 {
+                    sample.extend(residual_of(t, &base));
+                }
+                seen += 1;
             }
         }
-        rows
-    });
-    let sq = match &residual_rows {
-        Some(rows) => {
-            ScalarQuantizer::fit_clipped(rows, dim, params.code_bits, RESIDUAL_CLIP_PERCENTILE)
-        }
-        None => ScalarQuantizer::fit(keys, dim, params.code_bits),
+        ScalarQuantizer::fit_clipped(&sample, dim, params.code_bits, RESIDUAL_CLIP_PERCENTILE)
+    } else {
+        ScalarQuantizer::fit(keys, dim, params.code_bits)
     };
     let mut codes = Vec::with_capacity(n * sq.code_bytes() * 5 / 4);
     let mut code_block_start = vec![0u32];
     let mut primary_tokens = Vec::with_capacity(n);
     let mut primary_start = vec![0u32];
     let mut blocks = 0u32;
-    let mut rows_done = 0;
-    for list in &primary {
+    for (j, list) in primary.iter().enumerate() {
+        let base = residual.then(|| base_of(j));
         for chunk in list.chunks(CODE_BLOCK) {
-            let rows: Vec<&[f32]> = match &residual_rows {
-                Some(all) => (rows_done..rows_done + chunk.len())
-                    .map(|r| &all[r * dim..(r + 1) * dim])
-                    .collect(),
-                None => chunk
-                    .iter()
-                    .map(|&t| &keys[t as usize * dim..(t as usize + 1) * dim])
-                    .collect(),
+            let owned: Vec<Vec<f32>> = match &base {
+                Some(b) => chunk.iter().map(|&t| residual_of(t, b)).collect(),
+                None => Vec::new(),
             };
-            rows_done += chunk.len();
+            let rows: Vec<&[f32]> = match &base {
+                Some(_) => owned.iter().map(|r| r.as_slice()).collect(),
+                None => chunk.iter().map(|&t| key_of(t)).collect(),
+            };
             sq.encode_block(&rows, &mut codes);
             blocks += 1;
         }

@@ -10,6 +10,10 @@ use crate::IndexError;
 /// prototype, `tools/prototype/residual_codes.py`, chose it over 0 and 2).
 pub const RESIDUAL_CLIP_PERCENTILE: f32 = 0.5;
 
+/// The residual codes' range is fitted to at most this many residuals per head (evenly spread
+/// over the lists): percentiles need no more, and the build then holds no copy of the keys.
+pub const RESIDUAL_FIT_SAMPLE: usize = 65_536;
+
 /// Build-time parameters (stored in the index manifest so a search knows how it was built).
 #[derive(
     Clone,
