@@ -8,25 +8,21 @@ queries per head.
 """
 import sys, numpy as np
 sys.path.insert(0, __import__('os').path.dirname(__file__))
-from routing import load_dump, quant, head_clusters, query_context, rerank
+from routing import dump_heads, quant, query_context, rerank
 path=sys.argv[1]; nq=int(sys.argv[2])
-scales,K,Qe,Qt,qpos,g=load_dump(path); L,kvh,T,D=K.shape
-rng=np.random.default_rng(7); budget=0.02
+budget=0.02
 acc={}
-for l in range(L):
-  for h in range(kvh):
-    Kh=K[l,h]; Qtr=Qt[l,h*g:(h+1)*g].reshape(-1,D); k=T//32
-    a,C,w,V=head_clusters(Kh,Qtr,k,metric=True)
+for hd in dump_heads(path,nq,7):
+    l,Kh,Qtr,T,D=hd.l,hd.K,hd.Qtr,hd.T,hd.D
+    k,a,C,w,V=hd.clusters()
     Cq=quant(C,4)
-    sel=rng.choice(Qe.shape[2],nq,replace=False)
-    for hq in range(h*g,(h+1)*g):
-      for qi in sel:
-        q=Qe[l,hq,qi]; p=qpos[qi]; vis=p+1
-        s,e,stat,nb,top100,ormass,lo_,cum=query_context(Kh,q,p,scales[l],a,Cq,k,budget)
+    for hq,qi,q,p in hd.queries():
+        vis=p+1
+        s,e,stat,nb,top100,ormass,lo_,cum=query_context(Kh,q,p,hd.scale,a,Cq,k,budget)
         open_=~stat; aa=a[:vis]
         sizes=np.bincount(aa[open_],minlength=k)
         cs=Cq@q; o=np.argsort(-cs); c2=np.cumsum(sizes[o])
-        z=scales[l]*(cs[o]-cs[o].max()); wsh=sizes[o]*np.exp(z); wsh=np.cumsum(wsh)/wsh.sum()
+        z=hd.scale*(cs[o]-cs[o].max()); wsh=sizes[o]*np.exp(z); wsh=np.cumsum(wsh)/wsh.sum()
         def run(name,n):
             idx=np.nonzero(np.isin(aa,o[:n])&open_)[0]
             rec,mass=rerank(idx,s[idx],s,e,stat,nb,top100,1.0)

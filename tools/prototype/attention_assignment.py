@@ -7,16 +7,15 @@ queries with exact scoring of the probed keys. Args: dump, queries per head, ite
 """
 import sys, numpy as np
 sys.path.insert(0, __import__('os').path.dirname(__file__))
-from routing import load, load_dump, quant, head_clusters, query_context, probed_members, rerank
+from routing import dump_heads, load, quant, query_context, probed_members, rerank
 path=sys.argv[1]; nq=int(sys.argv[2]); iters=int(sys.argv[3]) if len(sys.argv)>3 else 1
-scales,K,Qe,Qt,qpos,g=load_dump(path); tpos=load(path)['train_positions']
-L,kvh,T,D=K.shape
-rng=np.random.default_rng(1); budget=0.02
+tpos=load(path)['train_positions']
+budget=0.02
 acc={}
-for l in range(L):
-  for h in range(kvh):
-    Kh=K[l,h]; Qtr=Qt[l,h*g:(h+1)*g].reshape(-1,D); Tp=np.tile(tpos,g); k=T//32
-    a,C,_,_=head_clusters(Kh,Qtr,k,metric=True)
+for hd in dump_heads(path,nq,1):
+    l,Kh,Qtr,T,D=hd.l,hd.K,hd.Qtr,hd.T,hd.D
+    Tp=np.tile(tpos,hd.g)
+    k,a,C,_,_=hd.clusters()
     variants={'kmeans':(a,C)}
     a2=a.copy(); C2=C.copy()
     for it in range(iters):
@@ -36,7 +35,7 @@ for l in range(L):
           if vis<512: continue
           s=S[j,:vis].copy(); s[:4]=-np.inf; s[max(0,vis-64):]=-np.inf
           nb=int(np.ceil(budget*vis)); top=np.argpartition(-s,nb)[:nb]
-          z=scales[l]*s[top]; w=np.exp(z-z.max()); w/=w.sum()
+          z=hd.scale*s[top]; w=np.exp(z-z.max()); w/=w.sum()
           for t,wt in zip(top,w):
             votes.setdefault(t,np.zeros(k))
             votes[t]+=wt*CSz[j]
@@ -48,13 +47,12 @@ for l in range(L):
       a2=choice
       C2=np.zeros((k,D)); np.add.at(C2,a2,Kh); C2/=np.maximum(np.bincount(a2,minlength=k),1)[:,None]
       variants[f'attn{it+1}']=(a2.copy(),C2.copy())
-    sel=rng.choice(Qe.shape[2],nq,replace=False)
+    queries=list(hd.queries())
     for name,(aa,CC) in variants.items():
       Cq=quant(CC,4)
-      for hq in range(h*g,(h+1)*g):
-        for qi in sel:
-          q=Qe[l,hq,qi]; p=qpos[qi]; vis=p+1
-          s,e,stat,nb,top100,ormass,lo_,cum=query_context(Kh,q,p,scales[l],aa,Cq,k,budget)
+      for hq,qi,q,p in queries:
+          vis=p+1
+          s,e,stat,nb,top100,ormass,lo_,cum=query_context(Kh,q,p,hd.scale,aa,Cq,k,budget)
           for f in (0.1,0.16,0.2,0.3):
             idx=probed_members(aa,lo_,cum,f,vis,stat)
             rec,mass=rerank(idx,s[idx],s,e,stat,nb,top100,1.0)

@@ -6,27 +6,22 @@ several probe fractions. A random N evaluation queries per head (default 24).
 """
 import sys, json, numpy as np
 sys.path.insert(0, __import__('os').path.dirname(__file__))
-from routing import load_dump, quant, head_clusters, query_context, probed_members, rerank
+from routing import dump_heads, quant, query_context, probed_members, rerank
 path=sys.argv[1]; nq=int(sys.argv[2]) if len(sys.argv)>2 else 24
-scales,K,Qe,Qt,qpos,g=load_dump(path); L,kvh,T,D=K.shape
-rng=np.random.default_rng(1); budget=0.02
+budget=0.02
 acc={}
-for l in range(L):
-  for h in range(kvh):
-    Kh=K[l,h]; Qtr=Qt[l,h*g:(h+1)*g].reshape(-1,D)
+for hd in dump_heads(path,nq,1):
+    l,Kh,Qtr,T,D=hd.l,hd.K,hd.Qtr,hd.T,hd.D
     codes=quant(Kh,4)
     cfgs={}
     for LS in (32,16):
-        k=T//LS
-        a,C,_,_=head_clusters(Kh,Qtr,k,metric=True)
+        k,a,C,_,_=hd.clusters(LS)
         for cb in (8,4):
             cfgs[(LS,cb)]=(a,quant(C,cb),k)
-    sel=rng.choice(Qe.shape[2],nq,replace=False)
-    for hq in range(h*g,(h+1)*g):
-      for qi in sel:
-        q=Qe[l,hq,qi]; p=qpos[qi]; vis=p+1
+    for hq,qi,q,p in hd.queries():
+        vis=p+1
         for (LS,cb),(a,C,k) in cfgs.items():
-          s,e,stat,nb,top100,ormass,lo_,cum=query_context(Kh,q,p,scales[l],a,C,k,budget)
+          s,e,stat,nb,top100,ormass,lo_,cum=query_context(Kh,q,p,hd.scale,a,C,k,budget)
           for f in (0.08,0.12,0.16,0.2,0.3):
             idx=probed_members(a,lo_,cum,f,vis,stat)
             rec,mass=rerank(idx,codes[idx]@q,s,e,stat,nb,top100)

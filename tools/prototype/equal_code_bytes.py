@@ -6,22 +6,18 @@
 """
 import sys, numpy as np
 sys.path.insert(0, __import__('os').path.dirname(__file__))
-from routing import load_dump, quant, qclip, head_clusters, query_context, probed_members, rerank
+from routing import dump_heads, quant, qclip, query_context, probed_members, rerank
 path=sys.argv[1]; nq=int(sys.argv[2])
-scales,K,Qe,Qt,qpos,g=load_dump(path); L,kvh,T,D=K.shape
-rng=np.random.default_rng(1); budget=0.02; LS=32
+budget=0.02; LS=32
 acc={}
-for l in range(L):
-  for h in range(kvh):
-    Kh=K[l,h]; Qtr=Qt[l,h*g:(h+1)*g].reshape(-1,D); k=T//LS
-    a,C,_,_=head_clusters(Kh,Qtr,k,metric=True)
+for hd in dump_heads(path,nq,1):
+    l,Kh,Qtr,T,D=hd.l,hd.K,hd.Qtr,hd.T,hd.D
+    k,a,C,_,_=hd.clusters(LS)
     Cq=quant(C,4); R=Kh-Cq[a]
     cfg={'abs4':(quant(Kh,4),[0.16,0.2]),'res3c.5':(Cq[a]+qclip(R,3,0.5),[0.213,0.267]),'res2c2':(Cq[a]+qclip(R,2,2),[0.32,0.4]),'res2c1':(Cq[a]+qclip(R,2,1),[0.32]),'res2c5':(Cq[a]+qclip(R,2,5),[0.32])}
-    sel=rng.choice(Qe.shape[2],nq,replace=False)
-    for hq in range(h*g,(h+1)*g):
-      for qi in sel:
-        q=Qe[l,hq,qi]; p=qpos[qi]; vis=p+1
-        s,e,stat,nb,top100,ormass,lo_,cum=query_context(Kh,q,p,scales[l],a,Cq,k,budget)
+    for hq,qi,q,p in hd.queries():
+        vis=p+1
+        s,e,stat,nb,top100,ormass,lo_,cum=query_context(Kh,q,p,hd.scale,a,Cq,k,budget)
         for name,(ap,fs) in cfg.items():
           for f in fs:
             idx=probed_members(a,lo_,cum,f,vis,stat)

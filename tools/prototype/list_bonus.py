@@ -6,18 +6,15 @@ at several probe fractions. A random N evaluation queries per head (default 24).
 """
 import sys, json, numpy as np
 sys.path.insert(0, __import__('os').path.dirname(__file__))
-from routing import load_dump, quant, head_clusters, query_context, probed_members, rerank
+from routing import dump_heads, quant, probed_members, rerank
 path=sys.argv[1]; nq=int(sys.argv[2]) if len(sys.argv)>2 else 24
-scales,K,Qe,Qt,qpos,g=load_dump(path); L,kvh,T,D=K.shape
-rng=np.random.default_rng(1); budget=0.02; LS=32
+budget=0.02; LS=32
 acc={}
-for l in range(L):
-  for h in range(kvh):
-    Kh=K[l,h]; Qtr=Qt[l,h*g:(h+1)*g].reshape(-1,D)
-    codes=quant(Kh,4); k=T//LS
-    a,C,_,_=head_clusters(Kh,Qtr,k,metric=True)
+for hd in dump_heads(path,nq,1):
+    l,Kh,Qtr,T,D=hd.l,hd.K,hd.Qtr,hd.T,hd.D
+    codes=quant(Kh,4); k,a,C,_,_=hd.clusters(LS)
     # per-list bonus from train queries: mean over q of (max_{k in l} q.k - q.c_l), and top-quantile
-    sub=Qtr[rng.choice(len(Qtr),min(512,len(Qtr)),replace=False)]
+    sub=Qtr[hd.rng.choice(len(Qtr),min(512,len(Qtr)),replace=False)]
     S=sub@Kh.T  # nq x T
     Cs=sub@C.T  # nq x k
     bonus=np.zeros(k); bonus90=np.zeros(k)
@@ -26,11 +23,9 @@ for l in range(L):
         if not m.any(): continue
         mx=S[:,m].max(1)-Cs[:,j]
         bonus[j]=mx.mean()
-    sel=rng.choice(Qe.shape[2],nq,replace=False)
-    for hq in range(h*g,(h+1)*g):
-      for qi in sel:
-        q=Qe[l,hq,qi]; p=qpos[qi]; vis=p+1
-        s=Kh[:vis]@q; z=scales[l]*s; z-=z.max(); e=np.exp(z); e/=e.sum()
+    for hq,qi,q,p in hd.queries():
+        vis=p+1
+        s=Kh[:vis]@q; z=hd.scale*s; z-=z.max(); e=np.exp(z); e/=e.sum()
         stat=np.zeros(vis,bool); stat[:4]=True; stat[max(0,vis-64):]=True
         nb=int(np.ceil(budget*vis))
         s2=np.where(stat,-np.inf,s); order=np.argsort(-s2); top100=set(order[:100]); ormass=e[stat].sum()+e[order[:nb]].sum()

@@ -7,20 +7,20 @@ keys scored exactly. A random N evaluation queries per head.
 """
 import sys, numpy as np
 sys.path.insert(0, __import__('os').path.dirname(__file__))
-from routing import probe_by, report, load, load_dump, quant, head_clusters, query_context, rerank
+from routing import dump_heads, probe_by, report, load, quant, query_context, rerank
 path=sys.argv[1]; nq=int(sys.argv[2])
-scales,K,Qe,Qt,qpos,g=load_dump(path); tpos=load(path)['train_positions']; L,kvh,T,D=K.shape
-rng=np.random.default_rng(1); budget=0.02
+tpos=load(path)['train_positions']
+budget=0.02
 acc={}
-for l in range(L):
-  for h in range(kvh):
-    Kh=K[l,h]; Qtr=Qt[l,h*g:(h+1)*g].reshape(-1,D); Tp=np.tile(tpos,g); k=T//32
-    a,C,w,V=head_clusters(Kh,Qtr,k,metric=True)
+for hd in dump_heads(path,nq,1):
+    l,Kh,Qtr,T,D=hd.l,hd.K,hd.Qtr,hd.T,hd.D
+    Tp=np.tile(tpos,hd.g)
+    k,a,C,w,V=hd.clusters()
     Cq=quant(C,4)
     # attention received by each key from train queries (softmax over visible non-static)
     att=np.zeros(T)
     for i in range(0,len(Qtr),256):
-      S=Qtr[i:i+256]@Kh.T*scales[l]
+      S=Qtr[i:i+256]@Kh.T*hd.scale
       for j in range(S.shape[0]):
         p=int(Tp[i+j]); vis=p+1
         if vis<256: continue
@@ -37,11 +37,9 @@ for l in range(L):
         o=m[np.argsort(-crit[m])]
         R1[j]=Kh[o[0]]; R2[j]=Kh[o[1]] if len(o)>1 else Kh[o[0]]
       reps[name]=(quant(R1,4),quant(R2,4))
-    sel=rng.choice(Qe.shape[2],nq,replace=False)
-    for hq in range(h*g,(h+1)*g):
-      for qi in sel:
-        q=Qe[l,hq,qi]; p=qpos[qi]; vis=p+1
-        s,e,stat,nb,top100,ormass,lo_,cum=query_context(Kh,q,p,scales[l],a,Cq,k,budget)
+    for hq,qi,q,p in hd.queries():
+        vis=p+1
+        s,e,stat,nb,top100,ormass,lo_,cum=query_context(Kh,q,p,hd.scale,a,Cq,k,budget)
         open_=~stat; aa=a[:vis]
         cs=Cq@q
         routes={'centroid':cs}

@@ -8,15 +8,13 @@ the evaluation queries, probed keys scored exactly. A random N evaluation querie
 """
 import sys, numpy as np
 sys.path.insert(0, __import__('os').path.dirname(__file__))
-from routing import load, load_dump, quant, head_clusters, query_context, rerank, probe_by, report
+from routing import dump_heads, quant, query_context, rerank, probe_by, report
 path=sys.argv[1]; nq=int(sys.argv[2])
-scales,K,Qe,Qt,qpos,g=load_dump(path); L,kvh,T,D=K.shape
-rng=np.random.default_rng(7); budget=0.02
+budget=0.02
 acc={}
-for l in range(L):
-  for h in range(kvh):
-    Kh=K[l,h]; Qtr=Qt[l,h*g:(h+1)*g].reshape(-1,D); k=T//32
-    a,C,w,V=head_clusters(Kh,Qtr,k,metric=True)
+for hd in dump_heads(path,nq,7):
+    l,Kh,Qtr,T,D=hd.l,hd.K,hd.Qtr,hd.T,hd.D
+    k,a,C,w,V=hd.clusters()
     Cq=quant(C,4)
     # per train query, per list: max member score and log-sum-exp of member logits
     S=Qtr@Kh.T  # [nq_train, T]
@@ -27,7 +25,7 @@ for l in range(L):
       seg=Ss[:,bounds[j]:bounds[j+1]]
       if seg.shape[1]==0: continue
       M[:,j]=seg.max(1)
-      z=scales[l]*seg; mz=z.max(1,keepdims=True); LSE[:,j]=(mz[:,0]+np.log(np.exp(z-mz).sum(1)))/scales[l]
+      z=hd.scale*seg; mz=z.max(1,keepdims=True); LSE[:,j]=(mz[:,0]+np.log(np.exp(z-mz).sum(1)))/hd.scale
     G=Qtr.T@Qtr; lam=1e-3*np.trace(G)/D
     Ainv=np.linalg.solve(G+lam*np.eye(D),Qtr.T)   # [D, ntrain]
     variants={}
@@ -37,11 +35,9 @@ for l in range(L):
       # residual fit on top of centroid: q.c + q.u
       U=(Ainv@(target-Qtr@C.T)).T
       variants[name+'+c']=quant(C+U,4)
-    sel=rng.choice(Qe.shape[2],nq,replace=False)
-    for hq in range(h*g,(h+1)*g):
-      for qi in sel:
-        q=Qe[l,hq,qi]; p=qpos[qi]; vis=p+1
-        s,e,stat,nb,top100,ormass,lo_,cum=query_context(Kh,q,p,scales[l],a,Cq,k,budget)
+    for hq,qi,q,p in hd.queries():
+        vis=p+1
+        s,e,stat,nb,top100,ormass,lo_,cum=query_context(Kh,q,p,hd.scale,a,Cq,k,budget)
         open_=~stat; aa=a[:vis]
         routes={'centroid':Cq@q}
         for name,Rq in variants.items(): routes[name]=Rq@q

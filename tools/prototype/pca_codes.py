@@ -8,10 +8,9 @@ A random N evaluation queries per head (default 24).
 """
 import sys, json, numpy as np
 sys.path.insert(0, __import__('os').path.dirname(__file__))
-from routing import load_dump, quant, head_clusters, query_context, probed_members, rerank
+from routing import dump_heads, quant, query_context, probed_members, rerank
 path=sys.argv[1]; nq=int(sys.argv[2]) if len(sys.argv)>2 else 24
-scales,K,Qe,Qt,qpos,g=load_dump(path); L,kvh,T,D=K.shape
-rng=np.random.default_rng(1); budget=0.02; LS=32
+budget=0.02; LS=32
 def alloc(ev,total,maxb=8):
     # greedy: each bit to the component with largest current distortion ev*4^-b
     b=np.zeros(len(ev),int); dist=ev.copy()
@@ -31,9 +30,8 @@ def quant_b(X,b,clip):
         out[:,j]=np.clip(np.round((x-lo)/st),0,n)*st+lo
     return out
 acc={}
-for l in range(L):
-  for h in range(kvh):
-    Kh=K[l,h]; Qtr=Qt[l,h*g:(h+1)*g].reshape(-1,D)
+for hd in dump_heads(path,nq,1):
+    l,Kh,Qtr,T,D=hd.l,hd.K,hd.Qtr,hd.T,hd.D
     M=Qtr.T@Qtr/len(Qtr); w,V=np.linalg.eigh(M); w=np.maximum(w,1e-6*w.max())
     A=V*np.sqrt(w); B=V/np.sqrt(w)
     Z=Kh@A; mu=Z.mean(0); Zc=Z-mu
@@ -48,13 +46,10 @@ for l in range(L):
             b=alloc(ev,bits)
             approx[f'wf{bits}c{clip}']=('pca',quant_b(P,b,clip))
     # raw-space bit allocation by query energy: distortion per channel = M_jj*range^2
-    k=T//LS
-    a,C,_,_=head_clusters(Kh,Qtr,k,metric=True)
-    sel=rng.choice(Qe.shape[2],nq,replace=False)
-    for hq in range(h*g,(h+1)*g):
-      for qi in sel:
-        q=Qe[l,hq,qi]; p=qpos[qi]; vis=p+1
-        s,e,stat,nb,top100,ormass,lo_,cum=query_context(Kh,q,p,scales[l],a,C,k,budget)
+    k,a,C,_,_=hd.clusters(LS)
+    for hq,qi,q,p in hd.queries():
+        vis=p+1
+        s,e,stat,nb,top100,ormass,lo_,cum=query_context(Kh,q,p,hd.scale,a,C,k,budget)
         qp=(q@B)@U
         for f in (0.2,0.3,1.0):
           idx=probed_members(a,lo_,cum,f,vis,stat)

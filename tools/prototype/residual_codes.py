@@ -9,24 +9,20 @@ keys). Recall@100 and covered mass at probes 0.14, 0.2 and 0.3 (query-metric lis
 """
 import sys, json, numpy as np
 sys.path.insert(0, __import__('os').path.dirname(__file__))
-from routing import load_dump, quant, qclip, head_clusters, query_context, probed_members, rerank
+from routing import dump_heads, quant, qclip, query_context, probed_members, rerank
 path=sys.argv[1]; nq=int(sys.argv[2]) if len(sys.argv)>2 else 24
-scales,K,Qe,Qt,qpos,g=load_dump(path); L,kvh,T,D=K.shape
-rng=np.random.default_rng(1); budget=0.02; LS=32
+budget=0.02; LS=32
 acc={}
-for l in range(L):
-  for h in range(kvh):
-    Kh=K[l,h]; Qtr=Qt[l,h*g:(h+1)*g].reshape(-1,D); k=T//LS
-    a,C,_,_=head_clusters(Kh,Qtr,k,metric=True)
+for hd in dump_heads(path,nq,1):
+    l,Kh,Qtr,T,D=hd.l,hd.K,hd.Qtr,hd.T,hd.D
+    k,a,C,_,_=hd.clusters(LS)
     Cq=quant(C,4)
     R=Kh-Cq[a]
     approx={'r2c2':Cq[a]+qclip(R,2,2),'r2c5':Cq[a]+qclip(R,2,0.5),'r3c2':Cq[a]+qclip(R,3,2),'r3c5':Cq[a]+qclip(R,3,0.5),'a3c1':qclip(Kh,3,0.1),'a4c1':qclip(Kh,4,0.1),
       'abs4':quant(Kh,4),'abs3':quant(Kh,3),'res3':Cq[a]+quant(R,3),'res4':Cq[a]+quant(R,4)}
-    sel=rng.choice(Qe.shape[2],nq,replace=False)
-    for hq in range(h*g,(h+1)*g):
-      for qi in sel:
-        q=Qe[l,hq,qi]; p=qpos[qi]; vis=p+1
-        s,e,stat,nb,top100,ormass,lo_,cum=query_context(Kh,q,p,scales[l],a,Cq,k,budget)
+    for hq,qi,q,p in hd.queries():
+        vis=p+1
+        s,e,stat,nb,top100,ormass,lo_,cum=query_context(Kh,q,p,hd.scale,a,Cq,k,budget)
         for f in (0.14,0.2,0.3):
           idx=probed_members(a,lo_,cum,f,vis,stat)
           for name,ap in approx.items():

@@ -63,6 +63,33 @@ def head_clusters(Kh, Qtr, k, metric=True):
     a=kmeans(X,k)
     C=np.zeros((k,Kh.shape[1])); np.add.at(C,a,Kh); C/=np.maximum(np.bincount(a,minlength=k),1)[:,None]
     return a,C,w,V
+class Head:
+    """One (layer, KV head) of a dump: its keys `K` (T x D), the train queries of its query
+    heads `Qtr` and its softmax `scale`. `clusters` lists its keys under the query metric;
+    `queries` draws the evaluation queries a prototype scores (one draw from the shared `rng`
+    per head, so that a run repeats)."""
+    def __init__(self, dump, l, h, rng, nq):
+        scales,K,Qe,Qt,qpos,g=dump
+        self.l,self.h,self.g,self.rng,self.nq=l,h,g,rng,nq
+        self.K=K[l,h]; self.T,self.D=self.K.shape
+        self.Qtr=Qt[l,h*g:(h+1)*g].reshape(-1,self.D); self.scale=scales[l]
+        self._Qe,self._qpos=Qe,qpos
+    def clusters(self, list_size=32):
+        """(lists, assignment, raw-key centroids, M's eigenvalues, eigenvectors): head_clusters."""
+        k=self.T//list_size
+        return (k,)+head_clusters(self.K,self.Qtr,k,metric=True)
+    def queries(self):
+        """(query head, query index, query, position) of every query head of the KV head."""
+        sel=self.rng.choice(self._Qe.shape[2],self.nq,replace=False)
+        for hq in range(self.h*self.g,(self.h+1)*self.g):
+            for qi in sel:
+                yield hq, qi, self._Qe[self.l,hq,qi], self._qpos[qi]
+def dump_heads(path, nq, seed=1):
+    """Every (layer, KV head) of a dump as a Head, nq evaluation queries per query head."""
+    dump=load_dump(path); rng=np.random.default_rng(seed); L,kvh=dump[1].shape[:2]
+    for l in range(L):
+        for h in range(kvh):
+            yield Head(dump,l,h,rng,nq)
 def query_context(Kh, q, p, scale, a, C, k, budget, sink=4, recent=64):
     """One evaluation query at position p: exact scores s, attention probabilities e, the static
     mask, the budget nb, the exact non-static top-100, the oracle's covered mass, the lists best

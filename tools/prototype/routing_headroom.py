@@ -9,15 +9,13 @@ N evaluation queries per head.
 """
 import sys, numpy as np
 sys.path.insert(0, __import__('os').path.dirname(__file__))
-from routing import probe_by, report, load_dump, quant, head_clusters, query_context, rerank
+from routing import dump_heads, probe_by, report, quant, query_context, rerank
 path=sys.argv[1]; nq=int(sys.argv[2])
-scales,K,Qe,Qt,qpos,g=load_dump(path); L,kvh,T,D=K.shape
-rng=np.random.default_rng(1); budget=0.02
+budget=0.02
 acc={}
-for l in range(L):
-  for h in range(kvh):
-    Kh=K[l,h]; Qtr=Qt[l,h*g:(h+1)*g].reshape(-1,D); k=T//32
-    a,C,w,V=head_clusters(Kh,Qtr,k,metric=True)
+for hd in dump_heads(path,nq,1):
+    l,Kh,Qtr,T,D=hd.l,hd.K,hd.Qtr,hd.T,hd.D
+    k,a,C,w,V=hd.clusters()
     Cq=quant(C,4)
     # per-list top principal direction of residuals and stds
     R=Kh-C[a]
@@ -27,11 +25,9 @@ for l in range(L):
       if len(m)<2: continue
       _,sv,vt=np.linalg.svd(m,full_matrices=False)
       U[j]=vt[0]; s1[j]=sv[0]/np.sqrt(len(m)); sr[j]=np.sqrt(max((sv[1:]**2).sum(),0)/len(m)/(D-1))
-    sel=rng.choice(Qe.shape[2],nq,replace=False)
-    for hq in range(h*g,(h+1)*g):
-      for qi in sel:
-        q=Qe[l,hq,qi]; p=qpos[qi]; vis=p+1
-        s,e,stat,nb,top100,ormass,lo_,cum=query_context(Kh,q,p,scales[l],a,Cq,k,budget)
+    for hq,qi,q,p in hd.queries():
+        vis=p+1
+        s,e,stat,nb,top100,ormass,lo_,cum=query_context(Kh,q,p,hd.scale,a,Cq,k,budget)
         open_=(~stat)&(np.arange(vis)<vis)
         sv_=np.where(stat,-np.inf,s)
         aa=a[:vis]
