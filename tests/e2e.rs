@@ -841,6 +841,17 @@ fn index_written_by_format_version_3_opens_and_searches_exactly() {
     assert!(index.manifest().heads.iter().all(|h| h.code_bits == 4));
 }
 
+/// An index written by format version 4 (3-bit residual codes, centroid codes holding the
+/// lists' key means), committed under `fixtures/index-v4`, built from the same tiny dump: it
+/// opens as it is, says its centroids are means, and answers exactly.
+#[test]
+fn index_written_by_format_version_4_opens_and_searches_exactly() {
+    let index = opens_and_searches_exactly("index-v4");
+    assert_eq!(index.centroid_code_bits(), 4);
+    assert!(!index.fitted_routes());
+    assert!(index.manifest().heads.iter().all(|h| h.code_bits == 3));
+}
+
 /// Opens the fixture index `name` and checks that a search attending everything returns every
 /// visible, non-static token with its exact score and value.
 fn opens_and_searches_exactly(name: &str) -> Index {
@@ -978,5 +989,129 @@ fn query_aware_clustering_beats_key_clustering_on_gemma() {
         "query-aware {:.3} vs key distance {:.3}",
         recall[0],
         recall[1]
+    );
+}
+
+/// Attention mass (softmax over the open tokens, exact scores) of the budget's best tokens
+/// inside the lists that `route` ranks best until they hold `probe_fraction` of the visible
+/// tokens, averaged over every 8th evaluation query of every query head of `layer`.
+fn routed_mass(
+    dump: &KvDump,
+    index: &Index,
+    layer: usize,
+    probe_fraction: f64,
+    route: &dyn Fn(usize, &[f32]) -> Vec<f32>,
+) -> f64 {
+    let params = SearchParams::default();
+    let dim = dump.meta.head_dim;
+    let scale = dump.meta.softmax_scale[layer];
+    let (mut sum, mut n) = (0.0, 0usize);
+    for qh in 0..dump.meta.q_heads {
+        let kvh = dump.kv_head_of(qh);
+        let head = &index.manifest().heads[layer * dump.meta.kv_heads + kvh];
+        let starts = strata_index::manifest::u32s(&head.primary_start);
+        let members = strata_index::manifest::u32s(&head.primary_tokens);
+        let keys = dump.keys.slice2(layer, kvh);
+        for qi in (0..dump.query_positions.len()).step_by(8) {
+            let p = dump.query_positions[qi];
+            let q = dump.queries.row(layer, qh, qi);
+            let open = |t: u32| t as usize <= p && !params.is_static(t as usize, p);
+            let logits: Vec<f32> = (0..=p)
+                .map(|t| scale * dot(&keys[t * dim..(t + 1) * dim], q))
+                .collect();
+            let max = (0..=p as u32)
+                .filter(|&t| open(t))
+                .map(|t| logits[t as usize])
+                .fold(f32::NEG_INFINITY, f32::max);
+            let weight = |t: u32| ((logits[t as usize] - max) as f64).exp();
+            let total: f64 = (0..=p as u32).filter(|&t| open(t)).map(weight).sum();
+            let scores = route(kvh, q);
+            let mut order: Vec<usize> = (0..scores.len()).collect();
+            order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+            let target = probe_fraction * (p + 1) as f64;
+            let mut probed: Vec<f64> = Vec::new();
+            for l in order {
+                if probed.len() as f64 >= target {
+                    break;
+                }
+                let list = &members[starts[l] as usize..starts[l + 1] as usize];
+                probed.extend(list.iter().filter(|&&t| open(t)).map(|&t| weight(t)));
+            }
+            probed.sort_by(|a, b| b.total_cmp(a));
+            let covered: f64 = probed.iter().take(params.budget_tokens(p)).sum();
+            sum += covered / total;
+            n += 1;
+        }
+    }
+    sum / n as f64
+}
+
+/// The routing vectors a query-aware build fits to the train queries (never the evaluation
+/// queries) rank lists better than the lists' key means: on Gemma-3's diffuse heads the lists
+/// they probe first hold more of the evaluation queries' best tokens.
+#[test]
+fn fitted_routing_vectors_probe_more_attention_mass_than_key_means_on_gemma() {
+    let Some(path) = shared_dump("gemma3-jargon-16k.safetensors") else {
+        return;
+    };
+    let dump = KvDump::open(&path).expect("open dump");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("index");
+    build_index(&dump, &BuildParams::default(), &dir, false, &|_, _| {}).expect("build");
+    let index = open(&dir).unwrap();
+    assert!(index.fitted_routes());
+    let dim = dump.meta.head_dim;
+    let kv_heads = dump.meta.kv_heads;
+    let (mut fitted_sum, mut means_sum) = (0.0, 0.0);
+    for layer in 0..dump.num_layers() {
+        // What search scores: the decoded centroid codes.
+        let decoded: Vec<Vec<f32>> = (0..kv_heads)
+            .map(|h| {
+                let head = &index.manifest().heads[layer * kv_heads + h];
+                let sq = strata_index::codes::ScalarQuantizer {
+                    bits: index.centroid_code_bits(),
+                    lo: strata_index::manifest::f32s(&head.centroid_lo).to_vec(),
+                    step: strata_index::manifest::f32s(&head.centroid_step).to_vec(),
+                };
+                head.centroid_codes
+                    .chunks_exact(sq.code_bytes())
+                    .flat_map(|c| sq.decode(c))
+                    .collect()
+            })
+            .collect();
+        // The lists' key means, exactly.
+        let means: Vec<Vec<f32>> = (0..kv_heads)
+            .map(|h| {
+                let head = &index.manifest().heads[layer * kv_heads + h];
+                let starts = strata_index::manifest::u32s(&head.primary_start);
+                let members = strata_index::manifest::u32s(&head.primary_tokens);
+                let keys = dump.keys.slice2(layer, h);
+                starts
+                    .windows(2)
+                    .flat_map(|w| {
+                        let m = &members[w[0] as usize..w[1] as usize];
+                        (0..dim).map(move |d| {
+                            m.iter().map(|&t| keys[t as usize * dim + d]).sum::<f32>()
+                                / m.len().max(1) as f32
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
+        let scores = |vectors: &[Vec<f32>], h: usize, q: &[f32]| -> Vec<f32> {
+            vectors[h].chunks_exact(dim).map(|c| dot(c, q)).collect()
+        };
+        let fitted = routed_mass(&dump, &index, layer, 0.15, &|h, q| scores(&decoded, h, q));
+        let mean = routed_mass(&dump, &index, layer, 0.15, &|h, q| scores(&means, h, q));
+        println!("layer slot {layer}: covered mass at a 15% probe: fitted routes {fitted:.4}, key means {mean:.4}");
+        fitted_sum += fitted;
+        means_sum += mean;
+    }
+    let layers = dump.num_layers() as f64;
+    let (fitted, means) = (fitted_sum / layers, means_sum / layers);
+    println!("mean over layers: fitted {fitted:.4}, key means {means:.4}");
+    assert!(
+        fitted > means + 0.002,
+        "fitted {fitted:.4} vs means {means:.4}"
     );
 }

@@ -46,7 +46,13 @@ struct HeadBuild {
     members: Vec<Vec<u32>>,
 }
 
-fn build_head(arrays: HeadArrays, dim: usize, params: &BuildParams, seed: u64) -> HeadBuild {
+fn build_head(
+    arrays: HeadArrays,
+    dim: usize,
+    softmax_scale: f32,
+    params: &BuildParams,
+    seed: u64,
+) -> HeadBuild {
     let HeadArrays {
         keys,
         values,
@@ -136,8 +142,16 @@ fn build_head(arrays: HeadArrays, dim: usize, params: &BuildParams, seed: u64) -
         }
     }
 
+    // Search ranks lists by these vectors and takes them as the residual codes' base: fitted
+    // to the train queries when there are enough for the metric (see `routing`).
+    let routes = match &metric {
+        Some(m) => {
+            crate::routing::fit_routes(keys, dim, &primary, &centroids, queries, m, softmax_scale)
+        }
+        _ => centroids,
+    };
     let (csq, centroid_codes, group_centroid_codes) =
-        encode_centroids(&centroids, &hierarchy.group_centroids, dim);
+        encode_centroids(&routes, &hierarchy.group_centroids, dim);
     // Residual codes encode each key's residual from its list's centroid as search decodes
     // it. Their range comes from a sample of the residuals (every `stride`-th key, list by
     // list), so that the build holds no second copy of the keys.
@@ -511,6 +525,7 @@ fn build_into(
             let mut hb = build_head(
                 input.heads[i],
                 dim,
+                src.softmax_scale[l],
                 params,
                 params.seed ^ ((i as u64 + 1) * 0x9E37_79B9_7F4A_7C15),
             );

@@ -10,6 +10,7 @@ pub mod manifest;
 pub mod manifest_v1;
 pub mod metric;
 pub mod params;
+pub mod routing;
 pub mod rows;
 pub mod search;
 pub mod simd;

@@ -13,13 +13,15 @@ use crate::IndexError;
 
 pub const INDEX_FILE: &str = "index.strata";
 pub const INDEX_MAGIC: [u8; 8] = *b"STRIDX\0\x01";
-/// Version 4: key codes may also be 3-bit residual codes (`codes::RESIDUAL_CODE_BITS`), in the
+/// Version 5: on heads clustered under the query metric (`metric_queries` > 0) the centroid codes
+/// hold routing vectors fitted to the train queries (`routing`), not the lists' key means;
+/// same archive layout and search. Version 4: key codes may also be 3-bit residual codes (`codes::RESIDUAL_CODE_BITS`), in the
 /// archive layout of version 2. Version 3: centroids as 4-bit codes ([`CENTROID_CODE_BITS`]).
 /// Version 2: centroids as 8-bit codes (v1: f32), per-list and per-group mean values as f16
 /// (v1: f32 list sums), the query-aware metric recorded per head and in the build parameters.
-/// Versions 2 and 3 open as they are, version 1 indexes are upgraded in memory (see
+/// Versions 2 to 4 open as they are, version 1 indexes are upgraded in memory (see
 /// `manifest_v1`).
-pub const INDEX_VERSION: u32 = 4;
+pub const INDEX_VERSION: u32 = 5;
 
 /// Bytes before a posting list's ids: magic, list id, member count, dimension.
 pub const LIST_HEADER_BYTES: usize = 16;
@@ -194,6 +196,8 @@ pub struct MappedManifest {
     centroid_code_bits: u32,
     /// Key code widths its version knows.
     key_code_bits: &'static [u32],
+    /// Whether its version fits routing vectors (since version 5).
+    fitted_routes: bool,
 }
 
 /// Key code widths of versions 1 to 3 (no residual codes).
@@ -218,12 +222,13 @@ impl MappedManifest {
         };
         let (payload, version) =
             footer::check_whole_of_versions(&path, &mmap, INDEX_MAGIC, 1..=INDEX_VERSION)?;
-        // Versions 2 to 4 share one layout and differ in the centroid codes' bits (8 in
-        // version 2) and in the key codes they may hold (residual codes since version 4).
+        // Versions 2 to 5 share one layout and differ in the centroid codes' bits (8 in
+        // version 2), in the key codes they may hold (residual codes since version 4) and in
+        // what the centroid codes hold (fitted routing vectors since version 5).
         let formats = match version {
             2 => Some((V2_CENTROID_CODE_BITS, &V3_KEY_CODE_BITS[..])),
             3 => Some((CENTROID_CODE_BITS, &V3_KEY_CODE_BITS[..])),
-            INDEX_VERSION => Some((CENTROID_CODE_BITS, &crate::codes::CODE_BITS[..])),
+            4 | INDEX_VERSION => Some((CENTROID_CODE_BITS, &crate::codes::CODE_BITS[..])),
             _ => None,
         };
         if let Some((centroid_code_bits, key_code_bits)) = formats {
@@ -235,11 +240,12 @@ impl MappedManifest {
                 payload_len,
                 centroid_code_bits,
                 key_code_bits,
+                fitted_routes: version >= 5,
             });
         }
         // Version 1: f32 centroids and value sums, no metric. A new version must decide what
-        // happens to version 4 here first.
-        const _: () = assert!(INDEX_VERSION == 4, "decide how version 4 manifests open");
+        // happens to version 5 here first.
+        const _: () = assert!(INDEX_VERSION == 5, "decide how version 5 manifests open");
         let upgraded = crate::manifest_v1::upgrade(payload).map_err(invalid)?;
         let bytes = rkyv::to_bytes::<rancor::Error>(&upgraded).map_err(invalid)?;
         rkyv::access::<ArchivedManifest, rancor::Error>(&bytes).map_err(invalid)?;
@@ -253,6 +259,7 @@ impl MappedManifest {
             backing: Backing::Upgraded(bytes),
             centroid_code_bits: CENTROID_CODE_BITS,
             key_code_bits: &V3_KEY_CODE_BITS,
+            fitted_routes: false,
         })
     }
 
@@ -275,6 +282,12 @@ impl MappedManifest {
     /// Key code widths the manifest's version may hold (residual codes since version 4).
     pub fn key_code_bits(&self) -> &'static [u32] {
         self.key_code_bits
+    }
+
+    /// Whether the centroid codes of heads clustered under the query metric hold routing
+    /// vectors fitted to the train queries (version 5 on) rather than key means.
+    pub fn fitted_routes(&self) -> bool {
+        self.fitted_routes
     }
 
     pub fn get(&self) -> &ArchivedManifest {

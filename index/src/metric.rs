@@ -92,6 +92,25 @@ impl QueryMetric {
             });
         out
     }
+
+    /// `x` with `(M + ridge) x = b`: the ridge regression of a target on the queries the metric
+    /// was fitted to, given `b = E[q·target]` (see `routing`).
+    pub fn solve(&self, b: &[f64]) -> Vec<f64> {
+        let dim = self.dim;
+        let l = &self.lower;
+        // L y = b, then Lᵀ x = y.
+        let mut y = vec![0f64; dim];
+        for i in 0..dim {
+            let s: f64 = (0..i).map(|k| l[i * dim + k] * y[k]).sum();
+            y[i] = (b[i] - s) / l[i * dim + i];
+        }
+        let mut x = vec![0f64; dim];
+        for i in (0..dim).rev() {
+            let s: f64 = (i + 1..dim).map(|k| l[k * dim + i] * x[k]).sum();
+            x[i] = (y[i] - s) / l[i * dim + i];
+        }
+        x
+    }
 }
 
 #[cfg(test)]
@@ -112,6 +131,30 @@ mod tests {
         assert!((d(0, 2) - 2.4167).abs() < 0.01, "{}", d(0, 2));
         // Along y only the ridge remains: 25 · 1e-3 · trace/2.
         assert!(d(0, 1) < 0.05, "{}", d(0, 1));
+    }
+
+    #[test]
+    fn solve_inverts_the_regularised_second_moment() {
+        let queries = [1.0, 0.5, 2.0, -1.0, -1.5, 0.25, 0.5, 3.0];
+        let m = QueryMetric::fit(&queries, 2, 1e-3).unwrap();
+        let x = m.solve(&[0.7, -0.2]);
+        // (M + shift) x, with M = E[q qᵀ] and shift = 1e-3 · trace / 2, gives b back.
+        let rows = 4.0;
+        let mut mm = [0f64; 4];
+        for q in queries.chunks_exact(2) {
+            for i in 0..2 {
+                for j in 0..2 {
+                    mm[i * 2 + j] += (q[i] * q[j]) as f64 / rows;
+                }
+            }
+        }
+        let shift = 1e-3 * (mm[0] + mm[3]) / 2.0;
+        let b0 = (mm[0] + shift) * x[0] + mm[1] * x[1];
+        let b1 = mm[2] * x[0] + (mm[3] + shift) * x[1];
+        assert!(
+            (b0 - 0.7).abs() < 1e-9 && (b1 + 0.2).abs() < 1e-9,
+            "{b0} {b1}"
+        );
     }
 
     #[test]

@@ -218,6 +218,55 @@ pub struct Index {
     /// member count, so that an unexpanded group lying between the sinks and the window is one
     /// remainder term.
     group_bounds: Vec<Vec<(u32, u32, u32)>>,
+    /// Per head with sorted lists: its list ids by first member ascending and by last member
+    /// descending, so that a search finds the few lists reaching into the sinks or the recent
+    /// window without reading every list's bounds (see [`EstimateContext::open_members`]).
+    edge_orders: Vec<Option<EdgeOrders>>,
+}
+
+/// List ids of one head, by first member ascending and by last member descending.
+struct EdgeOrders {
+    by_first: Vec<u32>,
+    by_last: Vec<u32>,
+}
+
+impl EdgeOrders {
+    fn new(bounds: &[(u32, u32)]) -> Self {
+        let mut by_first: Vec<u32> = (0..bounds.len() as u32).collect();
+        let mut by_last = by_first.clone();
+        by_first.sort_unstable_by_key(|&l| bounds[l as usize].0);
+        by_last.sort_unstable_by_key(|&l| std::cmp::Reverse(bounds[l as usize].1));
+        EdgeOrders { by_first, by_last }
+    }
+
+    /// Which lists have a member among the sinks or from the window's start on (`edges`): the
+    /// lists whose open members must be counted one by one. Charges `stats` for the entries
+    /// walked (a list id and its bound each).
+    fn touching(
+        &self,
+        bounds: &[(u32, u32)],
+        (sink_end, recent_start): (usize, usize),
+        stats: &mut SearchStats,
+    ) -> Vec<bool> {
+        let mut out = vec![false; bounds.len()];
+        let mut walked = 0u64;
+        for &l in &self.by_first {
+            walked += 1;
+            if bounds[l as usize].0 as usize >= sink_end {
+                break;
+            }
+            out[l as usize] = true;
+        }
+        for &l in &self.by_last {
+            walked += 1;
+            if (bounds[l as usize].1 as usize) < recent_start {
+                break;
+            }
+            out[l as usize] = true;
+        }
+        stats.estimate_bytes += 8 * walked;
+        out
+    }
 }
 
 impl Index {
@@ -337,6 +386,10 @@ impl Index {
                 .collect(),
             segments,
             cache,
+            edge_orders: list_bounds
+                .iter()
+                .map(|b| b.as_deref().map(EdgeOrders::new))
+                .collect(),
             list_bounds,
             group_bounds,
         })
@@ -355,6 +408,11 @@ impl Index {
     /// Bits of each centroid code of this index (set by the version it was written in).
     pub fn centroid_code_bits(&self) -> u32 {
         self.manifest.centroid_code_bits()
+    }
+
+    /// Whether query-aware heads route by vectors fitted to the train queries (format 5 on).
+    pub fn fitted_routes(&self) -> bool {
+        self.manifest.fitted_routes()
     }
 
     pub fn manifest(&self) -> &ArchivedManifest {
@@ -937,20 +995,23 @@ impl Index {
         // 4. Remainder estimate and adaptive budget.
         let mut remainder = None;
         if estimate {
+            let hi = layer_slot * self.kv_heads() + kv_head;
+            let bounds = self.list_bounds.get(hi).and_then(|b| b.as_deref());
+            let touching = match (bounds, self.edge_orders.get(hi)) {
+                (Some(b), Some(Some(orders))) => {
+                    Some(orders.touching(b, params.static_edges(position), &mut stats))
+                }
+                _ => None,
+            };
             let ctx = EstimateContext {
                 head,
                 q,
                 scale,
                 position,
                 params,
-                bounds: self
-                    .list_bounds
-                    .get(layer_slot * self.kv_heads() + kv_head)
-                    .and_then(|b| b.as_deref()),
-                group_bounds: self
-                    .group_bounds
-                    .get(layer_slot * self.kv_heads() + kv_head)
-                    .map_or(&[], |b| b.as_slice()),
+                bounds,
+                touching,
+                group_bounds: self.group_bounds.get(hi).map_or(&[], |b| b.as_slice()),
             };
             let mut est = RemainderEstimator::default();
             let mut in_exact = vec![false; cand_tokens.len()];
@@ -1157,6 +1218,9 @@ struct EstimateContext<'a> {
     /// Each list's first and last primary member, when the head's lists hold their primary
     /// members in ascending order.
     bounds: Option<&'a [(u32, u32)]>,
+    /// With `bounds`: which lists reach into the sinks or the recent window
+    /// ([`EdgeOrders::touching`]); every other list's members are all open.
+    touching: Option<Vec<bool>>,
     /// Each group's first and last member and member count (empty: no group terms).
     group_bounds: &'a [(u32, u32, u32)],
 }
@@ -1205,6 +1269,13 @@ impl EstimateContext<'_> {
 
     /// Visible, non-static members of list `l`.
     fn open_members(&self, l: usize, stats: &mut SearchStats) -> usize {
+        if self.touching.as_ref().is_some_and(|t| !t[l]) {
+            // Between the sinks and the window: the list's size (its two member offsets, one
+            // of which the next list shares) is its count.
+            stats.estimate_bytes += 4;
+            let start = u32s(&self.head.primary_start);
+            return (start[l + 1] - start[l]) as usize;
+        }
         if let Some(bounds) = self.bounds {
             let (r, bytes) = self.ranges(l, bounds);
             stats.estimate_bytes += bytes;

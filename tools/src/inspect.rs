@@ -98,7 +98,7 @@ pub fn run(dir: Option<&Path>, defaults: bool, verify: bool) -> Result<()> {
     println!("  built in    {:.2} s", m.build_seconds.to_native());
     print_table("build parameters", &param_rows(&build), &build_defaults);
     println!(
-        "per head: lists, members/list (min/mean/max), replicas, groups, radius mean, segment MiB, clustering metric"
+        "per head: lists, members/list (min/mean/max), replicas, groups, radius mean, segment MiB, clustering metric and routing"
     );
     for h in m.heads.iter() {
         let starts = u32s(&h.primary_start);
@@ -125,8 +125,11 @@ pub fn run(dir: Option<&Path>, defaults: bool, verify: bool) -> Result<()> {
             radius.iter().sum::<f32>() / radius.len().max(1) as f32,
             seg_bytes as f64 / (1 << 20) as f64,
             match h.metric_queries.to_native() {
-                0 => "key distance".to_string(),
-                n => format!("query-aware ({n} queries)"),
+                0 => "key distance, routing by key means".to_string(),
+                n if index.fitted_routes() => {
+                    format!("query-aware, routing vectors fitted ({n} queries)")
+                }
+                n => format!("query-aware ({n} queries), routing by key means"),
             },
         );
     }
