@@ -118,6 +118,72 @@ fn small_budget_respects_rules_and_finds_top_keys() {
     assert!(recall > 0.8, "recall {recall}");
 }
 
+/// Candidates the codes rank just below the best are taken on their code scores: their keys are
+/// not read, the others keep exact scores, and the attended set is nearly the one that exact
+/// re-ranking of every candidate picks.
+#[test]
+fn candidates_taken_on_their_codes_skip_their_keys_and_keep_the_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((dump, dir)) = fixture(tmp.path()) else {
+        return;
+    };
+    let index = open(&dir).unwrap();
+    let trusting = SearchParams {
+        code_trusted_fraction: 0.6,
+        code_trusted_from: 0.2,
+        ..Default::default()
+    };
+    let exact = SearchParams {
+        code_trusted_fraction: 0.0,
+        ..trusting.clone()
+    };
+    let dim = dump.meta.head_dim;
+    let (mut same, mut total) = (0usize, 0usize);
+    for qi in (0..dump.query_positions.len()).step_by(5) {
+        let p = dump.query_positions[qi];
+        if p < 1000 {
+            continue;
+        }
+        for qh in 0..dump.meta.q_heads {
+            let (q, kvh) = (dump.queries.row(1, qh, qi), dump.kv_head_of(qh));
+            let a = index.search(1, kvh, q, p, &exact).unwrap();
+            let b = index.search(1, kvh, q, p, &trusting).unwrap();
+            let trusted = (0.6 * exact.budget_tokens(p) as f64).floor() as u64;
+            assert_eq!(b.stats.keys_scored + trusted, a.stats.keys_scored);
+            assert_eq!(b.stats.codes_scored, a.stats.codes_scored);
+            // Exactly scored tokens keep their exact scores; at most `trusted` do not.
+            let keys = dump.keys.slice2(1, kvh);
+            let inexact = b
+                .tokens
+                .iter()
+                .zip(&b.scores)
+                .filter(|&(&t, &s)| {
+                    let e = dot(&keys[t as usize * dim..(t as usize + 1) * dim], q);
+                    (e - s).abs() > 1e-3 * (1.0 + e.abs())
+                })
+                .count() as u64;
+            assert!(
+                inexact <= trusted,
+                "{inexact} inexact scores, {trusted} trusted"
+            );
+            // The best exact token is attended.
+            let best = a
+                .tokens
+                .iter()
+                .zip(&a.scores)
+                .max_by(|x, y| x.1.total_cmp(y.1))
+                .unwrap();
+            assert!(b.tokens.contains(best.0));
+            let set: std::collections::HashSet<u32> = a.tokens.iter().copied().collect();
+            same += b.tokens.iter().filter(|t| set.contains(t)).count();
+            total += a.tokens.len();
+        }
+    }
+    let overlap = same as f64 / total as f64;
+    println!("attended sets overlap {overlap:.3}");
+    assert!(total > 0 && overlap > 0.95, "overlap {overlap:.3}");
+}
+
 /// The exact best `budget` non-static tokens of layer `layer`, KV head `kvh`, for `q` at `p`.
 fn exact_top(
     dump: &KvDump,
@@ -263,6 +329,28 @@ fn bad_queries_and_parameters_are_typed_errors() {
         };
         let e = index.search(0, 0, &q, p, &params).unwrap_err();
         assert!(matches!(e, IndexError::Param { name: "budget", .. }), "{e}");
+    }
+    for (name, bad) in [
+        (
+            "code_trusted_fraction",
+            SearchParams {
+                code_trusted_fraction: 1.5,
+                ..Default::default()
+            },
+        ),
+        (
+            "code_trusted_from",
+            SearchParams {
+                code_trusted_from: f32::NAN,
+                ..Default::default()
+            },
+        ),
+    ] {
+        let e = index.search(0, 0, &q, p, &bad).unwrap_err();
+        assert!(
+            matches!(e, IndexError::Param { name: n, .. } if n == name),
+            "{e}"
+        );
     }
     let params = SearchParams::default();
     let mut nan = q.clone();

@@ -97,6 +97,8 @@ pub fn attend_everything() -> SearchParams {
         budget: 1.0,
         probe_fraction: 1.0,
         rerank_factor: 1.0,
+        // Every score exact.
+        code_trusted_fraction: 0.0,
         ..Default::default()
     }
 }

@@ -118,7 +118,8 @@ fn lap(mark: &mut Instant) -> u64 {
 pub struct Retrieved {
     /// Token ids, all visible and non-static, distinct, at most the budget.
     pub tokens: Vec<u32>,
-    /// Exact `q·k` of each token (unscaled).
+    /// `q·k` of each token (unscaled): exact, or its code's score for the candidates taken on
+    /// their codes (`SearchParams::code_trusted_fraction`).
     pub scores: Vec<f32>,
     /// Values of the tokens (`tokens × dim`), when the method read them itself and was asked
     /// for rows ([`Gather::Values`]).
@@ -956,8 +957,28 @@ impl Index {
             ex_tokens.push(t);
             ex_rows.push((bi as u32, r as u32));
         }
+        // Candidates ranked by their codes from `code_trusted_from` of the budget on, for
+        // `code_trusted_fraction` of it, keep their code scores; the others (the best ones,
+        // whose weights dominate the output, and those nearest the cut) are scored exactly.
+        let of_budget = |share: f32| ((share as f64) * budget as f64).floor() as usize;
+        let trusted_count = of_budget(params.code_trusted_fraction);
+        let mut trusted = vec![false; ex_cand.len()];
+        if trusted_count > 0 {
+            let skip = of_budget(params.code_trusted_from);
+            let mut order: Vec<usize> = (0..ex_cand.len()).collect();
+            order.sort_unstable_by(|&a, &b| {
+                cand_scores[ex_cand[b] as usize].total_cmp(&cand_scores[ex_cand[a] as usize])
+            });
+            for &i in order.iter().skip(skip).take(trusted_count) {
+                trusted[i] = true;
+            }
+        }
         let key_row = |&(bi, r): &(u32, u32)| views[bi as usize].key_bytes(r as usize);
         for (i, row) in ex_rows.iter().enumerate() {
+            if trusted[i] {
+                ex_scores.push(cand_scores[ex_cand[i] as usize]);
+                continue;
+            }
             if let Some(ahead) = ex_rows.get(i + PREFETCH_ROWS_AHEAD) {
                 crate::simd::prefetch(key_row(ahead));
             }
@@ -977,7 +998,7 @@ impl Index {
                 ),
             });
         }
-        stats.keys_scored = ex_tokens.len() as u64;
+        stats.keys_scored = trusted.iter().filter(|&&t| !t).count() as u64;
         stats.key_bytes = stats.keys_scored * dim as u64 * 2;
         // The best `budget` exactly scored tokens; best first only where the adaptive budget
         // walks them in that order.
