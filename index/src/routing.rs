@@ -52,67 +52,169 @@ pub fn fit_routes(
         queries
     };
     let rows = queries.len() / dim;
-    // Per list, over the queries: E[q · (best member score − centroid score)].
-    let moved: Vec<Vec<f32>> = lists
+    // Lists in batches, each one product of the queries with all of its members' keys.
+    let batches: Vec<std::ops::Range<usize>> = (0..lists.len())
+        .step_by(LISTS_PER_PRODUCT)
+        .map(|a| a..(a + LISTS_PER_PRODUCT).min(lists.len()))
+        .collect();
+    let moved: Vec<Vec<f32>> = batches
         .par_iter()
-        .enumerate()
-        .map_init(Vec::new, |scratch: &mut Vec<f32>, (j, members)| {
-            let c = &centroids[j * dim..(j + 1) * dim];
-            if members.is_empty() {
-                return c.to_vec();
-            }
-            let m = members.len();
-            let mut gathered = Vec::with_capacity(m * dim);
-            for &t in members {
-                gathered.extend_from_slice(&keys[t as usize * dim..(t as usize + 1) * dim]);
-            }
-            scratch.clear();
-            scratch.resize(rows * m, 0.0);
-            gemm_rows_by_rows(queries, &gathered, rows, m, dim, scratch);
-            let mut b = vec![0f64; dim];
-            for (q, scores) in queries.chunks_exact(dim).zip(scratch.chunks_exact(m)) {
-                // ln(mean exp(s·q·k)) / s, from the best member so that nothing overflows.
-                let best = crate::linalg::max_of(scores);
-                let sum: f32 = scores
-                    .iter()
-                    .map(|&x| (softmax_scale * (x - best)).exp())
-                    .sum();
-                let target = best + (sum / m as f32).ln() / softmax_scale;
-                let miss = target - crate::linalg::dot(q, c);
-                for (bi, &qi) in b.iter_mut().zip(q) {
-                    *bi += (miss * qi) as f64;
+        .map_init(Vec::new, |scores: &mut Vec<f32>, batch| {
+            let batch_lists = &lists[batch.clone()];
+            let mut starts = vec![0usize];
+            let mut gathered = Vec::new();
+            for members in batch_lists {
+                for &t in members {
+                    gathered.extend_from_slice(&keys[t as usize * dim..(t as usize + 1) * dim]);
                 }
+                starts.push(gathered.len() / dim);
             }
-            b.iter_mut().for_each(|v| *v /= rows as f64);
-            let u = metric.solve(&b);
-            c.iter().zip(&u).map(|(&ci, &ui)| ci + ui as f32).collect()
+            let (n_lists, m) = (batch_lists.len(), gathered.len() / dim);
+            let c = &centroids[batch.start * dim..batch.end * dim];
+            // What each query's centroid score misses of each list's target, rows × lists.
+            let mut miss = vec![0f32; rows * n_lists];
+            product(
+                Mat::rows(queries, rows, dim),
+                Mat::rows(c, n_lists, dim).transposed(),
+                &mut miss,
+            );
+            if m > 0 {
+                scores.clear();
+                scores.resize(rows * m, 0.0);
+                product(
+                    Mat::rows(queries, rows, dim),
+                    Mat::rows(&gathered, m, dim).transposed(),
+                    scores,
+                );
+                for (row, miss_row) in scores
+                    .chunks_exact_mut(m)
+                    .zip(miss.chunks_exact_mut(n_lists))
+                {
+                    // ln(mean exp(s·q·k)) / s per list, from its best member so that nothing
+                    // overflows: all of a row's exponentials in one vectorised sweep.
+                    let mut best = vec![0f32; n_lists];
+                    for j in 0..n_lists {
+                        let seg = &mut row[starts[j]..starts[j + 1]];
+                        if seg.is_empty() {
+                            continue;
+                        }
+                        best[j] = crate::linalg::max_of(seg);
+                        seg.iter_mut()
+                            .for_each(|x| *x = softmax_scale * (*x - best[j]));
+                    }
+                    crate::simd::exp_in_place(row);
+                    for j in 0..n_lists {
+                        let seg = &row[starts[j]..starts[j + 1]];
+                        miss_row[j] = if seg.is_empty() {
+                            0.0
+                        } else {
+                            let mean = crate::linalg::sum_of(seg) / seg.len() as f32;
+                            best[j] + mean.ln() / softmax_scale - miss_row[j]
+                        };
+                    }
+                }
+            } else {
+                miss.fill(0.0);
+            }
+            // E[q · miss] per list (dim × lists), then the ridge solve.
+            let mut b = vec![0f32; dim * n_lists];
+            product(
+                Mat::rows(queries, rows, dim).transposed(),
+                Mat::rows(&miss, rows, n_lists),
+                &mut b,
+            );
+            let mut out = Vec::with_capacity(n_lists * dim);
+            for j in 0..n_lists {
+                let cj = &c[j * dim..(j + 1) * dim];
+                if batch_lists[j].is_empty() {
+                    out.extend_from_slice(cj);
+                    continue;
+                }
+                let bj: Vec<f64> = (0..dim)
+                    .map(|d| b[d * n_lists + j] as f64 / rows as f64)
+                    .collect();
+                let u = metric.solve(&bj);
+                out.extend(cj.iter().zip(&u).map(|(&ci, &ui)| ci + ui as f32));
+            }
+            out
         })
         .collect();
     moved.concat()
 }
 
-/// `out[i][j] = a_i · b_j` for the rows of `a` (`n × dim`) and `b` (`m × dim`), `out` `n × m`.
-fn gemm_rows_by_rows(a: &[f32], b: &[f32], n: usize, m: usize, dim: usize, out: &mut [f32]) {
-    debug_assert!(a.len() >= n * dim && b.len() >= m * dim && out.len() >= n * m);
-    // SAFETY: the slices hold at least n × dim, m × dim and n × m elements (checked above in
-    // debug builds; `fit_routes`, the one caller, sizes them so), and the strides keep every
-    // access within them: a is row-major n × dim, b is read as its transpose (dim × m, column
-    // stride dim), out is row-major n × m.
+/// Lists whose members are scored against the train queries in one matrix product: large
+/// enough for the product to run near the machine's arithmetic peak, small enough that its
+/// result (`rows × members` floats) stays within a few MiB.
+const LISTS_PER_PRODUCT: usize = 16;
+
+/// A matrix view: `rows × cols` elements of `data`, element (i, j) at `i·row_stride +
+/// j·col_stride`.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// Row-major `rows × cols`.
+    fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Mat {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
+    }
+
+    fn transposed(self) -> Self {
+        Mat {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+
+    /// Whether every element lies inside `data`.
+    fn in_bounds(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride
+                < self.data.len()
+    }
+}
+
+/// `out = a · b`, `out` row-major `a.rows × b.cols`.
+fn product(a: Mat, b: Mat, out: &mut [f32]) {
+    assert!(a.cols == b.rows && a.in_bounds() && b.in_bounds());
+    assert!(out.len() >= a.rows * b.cols);
+    if a.rows == 0 || b.cols == 0 {
+        return;
+    }
+    // SAFETY: the asserts above keep every element matrixmultiply reads (within `a` and `b`
+    // by their shapes and strides) inside its slice and every element it writes inside `out`
+    // (row-major, `a.rows × b.cols`); the three slices are distinct borrows, so `out` does not
+    // alias the inputs.
     unsafe {
         matrixmultiply::sgemm(
-            n,
-            dim,
-            m,
+            a.rows,
+            a.cols,
+            b.cols,
             1.0,
-            a.as_ptr(),
-            dim as isize,
-            1,
-            b.as_ptr(),
-            1,
-            dim as isize,
+            a.data.as_ptr(),
+            a.row_stride as isize,
+            a.col_stride as isize,
+            b.data.as_ptr(),
+            b.row_stride as isize,
+            b.col_stride as isize,
             0.0,
             out.as_mut_ptr(),
-            m as isize,
+            b.cols as isize,
             1,
         );
     }
@@ -123,18 +225,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn gemm_matches_dots() {
+    fn products_match_dots_in_every_orientation() {
         let (n, m, dim) = (5, 3, 7);
         let a: Vec<f32> = (0..n * dim).map(|i| (i as f32 * 0.37).sin()).collect();
         let b: Vec<f32> = (0..m * dim).map(|i| (i as f32 * 0.91).cos()).collect();
         let mut out = vec![0f32; n * m];
-        gemm_rows_by_rows(&a, &b, n, m, dim, &mut out);
+        product(
+            Mat::rows(&a, n, dim),
+            Mat::rows(&b, m, dim).transposed(),
+            &mut out,
+        );
+        let row = |x: &[f32], i: usize| x[i * dim..(i + 1) * dim].to_vec();
         for i in 0..n {
             for j in 0..m {
-                let d = crate::linalg::dot(&a[i * dim..(i + 1) * dim], &b[j * dim..(j + 1) * dim]);
+                let d = crate::linalg::dot(&row(&a, i), &row(&b, j));
                 assert!((out[i * m + j] - d).abs() < 1e-5);
             }
         }
+        // aᵀ · out: dim × m, entry (d, j) = Σ_i a[i][d] · out[i][j].
+        let mut back = vec![0f32; dim * m];
+        product(
+            Mat::rows(&a, n, dim).transposed(),
+            Mat::rows(&out, n, m),
+            &mut back,
+        );
+        for d in 0..dim {
+            for j in 0..m {
+                let e: f32 = (0..n).map(|i| a[i * dim + d] * out[i * m + j]).sum();
+                assert!((back[d * m + j] - e).abs() < 1e-4);
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic]
+    fn a_product_past_its_slices_is_refused() {
+        let a = [1.0f32; 6];
+        let mut out = [0f32; 4];
+        product(Mat::rows(&a, 2, 3), Mat::rows(&a, 3, 3), &mut out);
     }
 
     #[test]
