@@ -17,9 +17,14 @@ pub const RESIDUAL_FIT_SAMPLE: usize = 65_536;
 /// Fitting routing vectors (`routing`) scores every train query against every key of a head:
 /// above this many (query, key) pairs the train queries are thinned evenly to fit. Every train
 /// query of the shared dumps fits (Gemma-3: 4,096 × 16,384); using a quarter of them there
-/// gave back a third of the fit's gain (numpy prototype), so the cap is set where the build's
-/// extra time (about 0.3 s per head on this 2-core machine) stays small beside its k-means.
+/// gave back a quarter of the fit's gain (numpy prototype), so the cap is set where the fit
+/// costs a build about a second per such head on this 2-core machine.
 pub const ROUTE_FIT_PAIRS: usize = 1 << 26;
+
+/// A head gets fitted routing vectors only when at least this many train queries per dimension
+/// remain after thinning (Gemma-3: 1,024 of its 4,096 queries, 4 per dimension, kept 75% of the
+/// fit's gain in the prototype); otherwise its lists keep their key means.
+pub const ROUTE_FIT_MIN_ROWS_PER_DIM: usize = 4;
 
 /// Build-time parameters (stored in the index manifest so a search knows how it was built).
 #[derive(

@@ -18,7 +18,7 @@
 use rayon::prelude::*;
 
 use crate::metric::QueryMetric;
-use crate::params::ROUTE_FIT_PAIRS;
+use crate::params::{ROUTE_FIT_MIN_ROWS_PER_DIM, ROUTE_FIT_PAIRS};
 
 /// `lists × dim` routing vectors: `centroids` moved as the module comment says. `queries` are
 /// the train queries (`rows × dim`) `metric` was fitted to (thinned past `ROUTE_FIT_PAIRS`); `lists[j]` are list `j`'s members
@@ -34,11 +34,9 @@ pub fn fit_routes(
 ) -> Vec<f32> {
     let all_rows = queries.len() / dim.max(1);
     let tokens = keys.len() / dim.max(1);
-    if all_rows == 0 || dim == 0 || tokens == 0 {
+    let Some(stride) = fit_stride(all_rows, tokens, dim) else {
         return centroids.to_vec();
-    }
-    // Every `stride`-th train query, to keep the work within `ROUTE_FIT_PAIRS`.
-    let stride = (all_rows * tokens).div_ceil(ROUTE_FIT_PAIRS).max(1);
+    };
     let thinned: Vec<f32>;
     let queries = if stride > 1 {
         thinned = queries
@@ -140,6 +138,19 @@ pub fn fit_routes(
         })
         .collect();
     moved.concat()
+}
+
+/// Whether a head of `tokens` keys with `rows` train queries gets fitted routing vectors, and
+/// if so every how many train queries the fit uses: thinned evenly to `ROUTE_FIT_PAIRS` (query,
+/// key) pairs, and none when fewer than `ROUTE_FIT_MIN_ROWS_PER_DIM` queries per dimension would
+/// remain (a regression on so few would move the vectors by its noise; the lists keep their
+/// key means).
+pub fn fit_stride(rows: usize, tokens: usize, dim: usize) -> Option<usize> {
+    if rows == 0 || tokens == 0 || dim == 0 {
+        return None;
+    }
+    let stride = (rows * tokens).div_ceil(ROUTE_FIT_PAIRS).max(1);
+    (rows.div_ceil(stride) >= ROUTE_FIT_MIN_ROWS_PER_DIM * dim).then_some(stride)
 }
 
 /// Lists whose members are scored against the train queries in one matrix product: large
@@ -258,6 +269,17 @@ mod tests {
     }
 
     #[test]
+    fn the_fit_thins_queries_to_its_budget_and_skips_heads_with_too_few() {
+        // Gemma-3 at 16K tokens: every one of 4,096 queries.
+        assert_eq!(fit_stride(4096, 16384, 256), Some(1));
+        // 128K tokens, head dim 128: every 8th, 512 = 4 per dimension.
+        assert_eq!(fit_stride(4096, 131072, 128), Some(8));
+        // 1M tokens: 64 would remain, too few for 128 dimensions.
+        assert_eq!(fit_stride(4096, 1 << 20, 128), None);
+        assert_eq!(fit_stride(0, 100, 4), None);
+    }
+
+    #[test]
     #[should_panic]
     fn a_product_past_its_slices_is_refused() {
         let a = [1.0f32; 6];
@@ -273,12 +295,17 @@ mod tests {
         let keys = [1.0, 0.0, 1.0, 0.0, -1.0, 0.0, 3.0, 0.0];
         let lists = vec![vec![0, 1], vec![2, 3]];
         let centroids = [1.0, 0.0, 1.0, 0.0];
-        let queries = [1.0, 0.1, 2.0, -0.1, 1.5, 0.2, 0.5, -0.2];
+        // Eight queries: the fit needs `ROUTE_FIT_MIN_ROWS_PER_DIM` per dimension.
+        let queries = [
+            1.0, 0.1, 2.0, -0.1, 1.5, 0.2, 0.5, -0.2, 1.2, 0.0, 0.8, 0.3, 1.7, -0.3, 0.9, 0.1,
+        ];
         let metric = QueryMetric::fit(&queries, 2, 1e-3).unwrap();
         let r = fit_routes(&keys, 2, &lists, &centroids, &queries, &metric, 1.0);
         assert!((r[0] - 1.0).abs() < 1e-4 && r[1].abs() < 1e-4, "{r:?}");
         assert!(r[2] > 2.5 && r[2] < 3.1, "{r:?}");
-        // A list without members keeps its centroid.
+        // A list without members keeps its centroid; too few queries move nothing.
+        let few = fit_routes(&keys, 2, &lists, &centroids, &queries[..6], &metric, 1.0);
+        assert_eq!(few, centroids);
         let r = fit_routes(
             &keys,
             2,

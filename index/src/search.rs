@@ -411,7 +411,8 @@ impl Index {
         self.manifest.centroid_code_bits()
     }
 
-    /// Whether query-aware heads route by vectors fitted to the train queries (format 5 on).
+    /// Whether query-aware heads route by vectors fitted to the train queries (format 5 on; a
+    /// head with too few train queries for its size keeps key means: `routing::fit_stride`).
     pub fn fitted_routes(&self) -> bool {
         self.manifest.fitted_routes()
     }

@@ -58,8 +58,9 @@ def collect(args):
         if not dump.exists():
             sys.exit(f"missing dump {dump}")
         index = ROOT / "out" / name
-        if not (index / "index.strata").exists():
-            run([args.strata, "build", dump, "--out", index])
+        # Rebuilt unless --reuse: an index left by an older build would not show today's code.
+        if not (args.reuse and (index / "index.strata").exists()):
+            run([args.strata, "build", dump, "--out", index, "--force"])
         for budget in BUDGETS:
             path = out / f"{name}-{budget}.json"
             if not (args.reuse and path.exists()):

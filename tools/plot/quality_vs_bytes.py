@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PROBES = [0.06, 0.08, 0.10, 0.12, 0.15, 0.20, 0.30]
+PROBES = [0.06, 0.08, 0.10, 0.15, 0.20, 0.28, 0.40, 0.55, 0.70, 0.85]
 SCANS = [1.5, 2, 3, 4, 8]
 SHARED = ["smollm2-jargon-8k", "gemma3-jargon-16k"]
 STYLE = {

@@ -126,7 +126,14 @@ pub fn run(dir: Option<&Path>, defaults: bool, verify: bool) -> Result<()> {
             seg_bytes as f64 / (1 << 20) as f64,
             match h.metric_queries.to_native() {
                 0 => "key distance, routing by key means".to_string(),
-                n if index.fitted_routes() => {
+                n if index.fitted_routes()
+                    && strata_index::routing::fit_stride(
+                        n as usize,
+                        h.tokens.to_native() as usize,
+                        h.dim.to_native() as usize,
+                    )
+                    .is_some() =>
+                {
                     format!("query-aware, routing vectors fitted ({n} queries)")
                 }
                 n => format!("query-aware ({n} queries), routing by key means"),
