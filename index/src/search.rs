@@ -965,13 +965,25 @@ impl Index {
         let trusted_count = of_budget(params.code_trusted_fraction);
         let mut trusted = vec![false; ex_cand.len()];
         if trusted_count > 0 {
-            let skip = of_budget(params.code_trusted_from);
-            let mut order: Vec<usize> = (0..ex_cand.len()).collect();
-            order.sort_unstable_by(|&a, &b| {
-                cand_scores[ex_cand[b] as usize].total_cmp(&cand_scores[ex_cand[a] as usize])
-            });
-            for &i in order.iter().skip(skip).take(trusted_count) {
-                trusted[i] = true;
+            // Two selections over (code score, index), best first, rather than a sort.
+            let skip = of_budget(params.code_trusted_from).min(ex_cand.len());
+            let end = (skip + trusted_count).min(ex_cand.len());
+            let mut ranked: Vec<(f32, u32)> = ex_cand
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| (cand_scores[c as usize], i as u32))
+                .collect();
+            let best_first =
+                |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+            if end < ranked.len() {
+                ranked.select_nth_unstable_by(end, best_first);
+            }
+            let leading = &mut ranked[..end];
+            if skip > 0 && skip < leading.len() {
+                leading.select_nth_unstable_by(skip, best_first);
+            }
+            for &(_, i) in &leading[skip..] {
+                trusted[i as usize] = true;
             }
         }
         let key_row = |&(bi, r): &(u32, u32)| views[bi as usize].key_bytes(r as usize);
