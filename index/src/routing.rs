@@ -131,8 +131,18 @@ pub fn fit_routes(
                 let bj: Vec<f64> = (0..dim)
                     .map(|d| b[d * n_lists + j] as f64 / rows as f64)
                     .collect();
-                let u = metric.solve(&bj);
-                out.extend(cj.iter().zip(&u).map(|(&ci, &ui)| ci + ui as f32));
+                let moved: Vec<f32> = cj
+                    .iter()
+                    .zip(metric.solve(&bj))
+                    .map(|(&ci, ui)| ci + ui as f32)
+                    .collect();
+                // Queries large enough to overflow a score leave the list at its mean rather
+                // than write a vector no search could use.
+                if moved.iter().all(|v| v.is_finite()) {
+                    out.extend(moved);
+                } else {
+                    out.extend_from_slice(cj);
+                }
             }
             out
         })
@@ -306,6 +316,11 @@ mod tests {
         // A list without members keeps its centroid; too few queries move nothing.
         let few = fit_routes(&keys, 2, &lists, &centroids, &queries[..6], &metric, 1.0);
         assert_eq!(few, centroids);
+        // Scores that overflow f32 leave the lists at their means.
+        let huge: Vec<f32> = queries.iter().map(|q| q * 1e36).collect();
+        let metric = QueryMetric::fit(&huge, 2, 1e-3).unwrap();
+        let r = fit_routes(&keys, 2, &lists, &centroids, &huge, &metric, 1.0);
+        assert_eq!(r, centroids);
         let r = fit_routes(
             &keys,
             2,
