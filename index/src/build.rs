@@ -143,7 +143,7 @@ fn build_head(
     }
 
     // Search ranks lists by these vectors and takes them as the residual codes' base: fitted
-    // to the train queries when there are enough for the metric (see `routing`).
+    // to the train queries when there are enough of them (`routing::fit_stride`).
     let routes = match &metric {
         Some(m) => {
             crate::routing::fit_routes(keys, dim, &primary, &centroids, queries, m, softmax_scale)

@@ -13,10 +13,11 @@ use crate::IndexError;
 
 pub const INDEX_FILE: &str = "index.strata";
 pub const INDEX_MAGIC: [u8; 8] = *b"STRIDX\0\x01";
-/// Version 5: on heads clustered under the query metric (`metric_queries` > 0) the centroid codes
-/// hold routing vectors fitted to the train queries (`routing`), not the lists' key means;
-/// same archive layout and search. Version 4: key codes may also be 3-bit residual codes (`codes::RESIDUAL_CODE_BITS`), in the
-/// archive layout of version 2. Version 3: centroids as 4-bit codes ([`CENTROID_CODE_BITS`]).
+/// Version 5: on heads clustered under the query metric (`metric_queries` > 0, and enough of
+/// them: `routing::fit_stride`) the centroid codes hold routing vectors fitted to the train
+/// queries (`routing`), not the lists' key means; same archive layout and search. Version 4: key
+/// codes may also be 3-bit residual codes (`codes::RESIDUAL_CODE_BITS`), in the archive layout
+/// of version 2. Version 3: centroids as 4-bit codes ([`CENTROID_CODE_BITS`]).
 /// Version 2: centroids as 8-bit codes (v1: f32), per-list and per-group mean values as f16
 /// (v1: f32 list sums), the query-aware metric recorded per head and in the build parameters.
 /// Versions 2 to 4 open as they are, version 1 indexes are upgraded in memory (see
@@ -72,7 +73,8 @@ pub struct HeadManifest {
     pub value_means: Vec<u16>,
     /// Largest key norm in each list.
     pub max_key_norm: Vec<f32>,
-    /// Largest distance of a primary member from its centroid.
+    /// Largest distance of a primary member from its list's key mean (not from the routing
+    /// vector a version-5 index stores as the centroid).
     pub radius: Vec<f32>,
     /// Second level (empty when the head has few lists): `groups` centroids (codes of the same
     /// quantiser), the list ids ordered by group, and `groups + 1` offsets into that order.

@@ -18,7 +18,7 @@ pub const RESIDUAL_FIT_SAMPLE: usize = 65_536;
 /// above this many (query, key) pairs the train queries are thinned evenly to fit. Every train
 /// query of the shared dumps fits (Gemma-3: 4,096 × 16,384); using a quarter of them there
 /// gave back a quarter of the fit's gain (numpy prototype), so the cap is set where the fit
-/// costs a build about a second per such head on this 2-core machine.
+/// costs a build about one core-second per such head on this 2-core machine.
 pub const ROUTE_FIT_PAIRS: usize = 1 << 26;
 
 /// A head gets fitted routing vectors only when at least this many train queries per dimension

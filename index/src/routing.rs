@@ -21,8 +21,9 @@ use crate::metric::QueryMetric;
 use crate::params::{ROUTE_FIT_MIN_ROWS_PER_DIM, ROUTE_FIT_PAIRS};
 
 /// `lists × dim` routing vectors: `centroids` moved as the module comment says. `queries` are
-/// the train queries (`rows × dim`) `metric` was fitted to (thinned past `ROUTE_FIT_PAIRS`); `lists[j]` are list `j`'s members
-/// (token ids into `keys`, `tokens × dim`). A list without members keeps its centroid.
+/// the train queries (`rows × dim`) `metric` was fitted to, thinned here as `fit_stride` says
+/// (no fit at all leaves every centroid as it is); `lists[j]` are list `j`'s members (token ids
+/// into `keys`, `tokens × dim`). A list without members keeps its centroid.
 pub fn fit_routes(
     keys: &[f32],
     dim: usize,
@@ -84,13 +85,13 @@ pub fn fit_routes(
                     Mat::rows(&gathered, m, dim).transposed(),
                     scores,
                 );
+                let mut best = vec![0f32; n_lists];
                 for (row, miss_row) in scores
                     .chunks_exact_mut(m)
                     .zip(miss.chunks_exact_mut(n_lists))
                 {
                     // ln(mean exp(s·q·k)) / s per list, from its best member so that nothing
                     // overflows: all of a row's exponentials in one vectorised sweep.
-                    let mut best = vec![0f32; n_lists];
                     for j in 0..n_lists {
                         let seg = &mut row[starts[j]..starts[j + 1]];
                         if seg.is_empty() {
