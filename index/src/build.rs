@@ -148,7 +148,7 @@ fn build_head(
         Some(m) => {
             crate::routing::fit_routes(keys, dim, &primary, &centroids, queries, m, softmax_scale)
         }
-        _ => centroids,
+        None => centroids,
     };
     let (csq, centroid_codes, group_centroid_codes) =
         encode_centroids(&routes, &hierarchy.group_centroids, dim);

@@ -7,7 +7,7 @@ keys scored exactly. A random N evaluation queries per head.
 """
 import sys, numpy as np
 sys.path.insert(0, __import__('os').path.dirname(__file__))
-from routing import dump_heads, probe_by, report, load, quant, query_context, rerank
+from routing import dump_heads, probe_exactly, report, load, quant, query_context
 path=sys.argv[1]; nq=int(sys.argv[2])
 tpos=load(path)['train_positions']
 budget=0.02
@@ -47,9 +47,5 @@ for hd in dump_heads(path,nq,1):
           r1=R1@q; r2=R2@q
           routes[name+'1max']=np.maximum(cs,r1); routes[name+'2max']=np.maximum(np.maximum(cs,r1),r2)
           routes[name+'1avg']=0.5*(cs+r1)
-        for name,sc in routes.items():
-          for f in (0.1,0.16,0.2):
-            idx=probe_by(sc,aa,open_,f,vis)
-            rec,mass=rerank(idx,s[idx],s,e,stat,nb,top100,1.0)
-            acc.setdefault((name,f),[]).append((rec,mass,ormass))
+        probe_exactly(acc,routes,(0.1,0.16,0.2),aa,open_,vis,s,e,stat,nb,top100,ormass)
 report(acc,path)

@@ -15,7 +15,7 @@ Variants (the seventh session built `lme`: `index/src/routing.rs`):
 """
 import sys, numpy as np
 sys.path.insert(0, __import__('os').path.dirname(__file__))
-from routing import dump_heads, quant, query_context, rerank, probe_by, report
+from routing import dump_heads, quant, query_context, probe_exactly, report
 path=sys.argv[1]; nq=int(sys.argv[2])
 budget=0.02
 acc={}
@@ -61,9 +61,5 @@ for hd in dump_heads(path,nq,7):
         open_=~stat; aa=a[:vis]
         scores={'centroid':Cq@q}
         for name,(R,bias) in routes.items(): scores[name]=R@q+bias
-        for name,sc in scores.items():
-          for f in (0.1,0.2,0.25):
-            idx=probe_by(sc,aa,open_,f,vis)
-            rec,mass=rerank(idx,s[idx],s,e,stat,nb,top100,1.0)
-            acc.setdefault((name,f),[]).append((rec,mass,ormass))
+        probe_exactly(acc,scores,(0.1,0.2,0.25),aa,open_,vis,s,e,stat,nb,top100,ormass)
 report(acc,path,12)

@@ -111,6 +111,15 @@ def rerank(idx, cs, s, e, stat, nb, top100, factor=1.5):
     c=idx[np.argsort(-cs)[:int(np.ceil(factor*nb))]]
     best=c[np.argsort(-s[c])[:nb]]
     return len(top100.intersection(best))/100, e[stat].sum()+e[best].sum()
+def probe_exactly(acc, routes, fracs, aa, open_, vis, s, e, stat, nb, top100, ormass):
+    """For each list score in `routes` (name -> one score per list) and probe fraction in
+    `fracs`: probe the lists best first (probe_by), score the probed keys exactly, attend the
+    best nb, and append (recall@100, mass, oracle mass) to acc[(name, fraction)]."""
+    for name,sc in routes.items():
+        for f in fracs:
+            idx=probe_by(sc,aa,open_,f,vis)
+            rec,mass=rerank(idx,s[idx],s,e,stat,nb,top100,1.0)
+            acc.setdefault((name,f),[]).append((rec,mass,ormass))
 def evaluate(K, Q, pos, assign, k, route, fracs, sink=4, recent=64):
     # route: function(q, centroids-like stats) -> list scores
     res={f:[] for f in fracs}

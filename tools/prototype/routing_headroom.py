@@ -9,7 +9,7 @@ N evaluation queries per head.
 """
 import sys, numpy as np
 sys.path.insert(0, __import__('os').path.dirname(__file__))
-from routing import dump_heads, probe_by, report, quant, query_context, rerank
+from routing import dump_heads, probe_exactly, report, quant, query_context
 path=sys.argv[1]; nq=int(sys.argv[2])
 budget=0.02
 acc={}
@@ -28,7 +28,7 @@ for hd in dump_heads(path,nq,1):
     for hq,qi,q,p in hd.queries():
         vis=p+1
         s,e,stat,nb,top100,ormass,lo_,cum=query_context(Kh,q,p,hd.scale,a,Cq,k,budget)
-        open_=(~stat)&(np.arange(vis)<vis)
+        open_=~stat
         sv_=np.where(stat,-np.inf,s)
         aa=a[:vis]
         mx=np.full(k,-np.inf); np.maximum.at(mx,aa[open_],s[:vis][open_])
@@ -36,9 +36,5 @@ for hd in dump_heads(path,nq,1):
         cs=Cq@q; uq=U@q; qn=q@q
         spread=np.sqrt(s1**2*uq**2+sr**2*(qn-uq**2))
         routes={'centroid':cs,'oracle-max':mx,'oracle-mass':ms,'cent+1sd':cs+1.0*spread,'cent+2sd':cs+2.0*spread}
-        for name,sc in routes.items():
-          for f in (0.1,0.16,0.3):
-            idx=probe_by(sc,aa,open_,f,vis)
-            rec,mass=rerank(idx,s[idx],s,e,stat,nb,top100,1.0)
-            acc.setdefault((name,f),[]).append((rec,mass,ormass))
+        probe_exactly(acc,routes,(0.1,0.16,0.3),aa,open_,vis,s,e,stat,nb,top100,ormass)
 report(acc,path)

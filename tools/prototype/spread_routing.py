@@ -7,7 +7,7 @@ centroid score alone. Probed keys scored exactly. A random N evaluation queries 
 """
 import sys, numpy as np
 sys.path.insert(0, __import__('os').path.dirname(__file__))
-from routing import dump_heads, probe_by, report, quant, query_context, rerank
+from routing import dump_heads, probe_exactly, report, quant, query_context
 path=sys.argv[1]; nq=int(sys.argv[2])
 budget=0.02
 acc={}
@@ -26,9 +26,5 @@ for hd in dump_heads(path,nq,7):
         routes={'centroid':cs}
         sdd=np.sqrt(np.maximum(dq@(q*q),0))
         for b in (1.0,1.5,2.0,3.0): routes[f'diag{b}']=cs+b*sdd
-        for name,sc in routes.items():
-          for f in (0.12,0.16,0.2,0.3):
-            idx=probe_by(sc,aa,open_,f,vis)
-            rec,mass=rerank(idx,s[idx],s,e,stat,nb,top100,1.0)
-            acc.setdefault((name,f),[]).append((rec,mass,ormass))
+        probe_exactly(acc,routes,(0.12,0.16,0.2,0.3),aa,open_,vis,s,e,stat,nb,top100,ormass)
 report(acc,path)
