@@ -224,8 +224,19 @@ impl ScalarQuantizer {
                 .map(|(k, p)| (w(2 * p + 1, k) << 16 | w(2 * p, k)) as i32)
                 .collect()
         });
+        // The VNNI kernel's weights: the low plane's, dimension by dimension.
+        let split3_vnni = if self.bits == 3 && crate::simd::split3_vnni_available() {
+            let low = planes[0].1;
+            let w: Vec<i32> = (0..4 * low)
+                .map(|d| weights[(d % 4) * low + d / 4] as i32)
+                .collect();
+            crate::simd::split3_vnni_weights(&w, low)
+        } else {
+            Vec::new()
+        };
         CodeQuery {
             bits: self.bits,
+            split3_vnni,
             planes,
             weights,
             nibble_pairs,
@@ -249,6 +260,9 @@ pub struct CodeQuery {
     /// For planes of 1- and 2-bit codes, per plane: per byte, per pair of slots, the two
     /// slots' weights packed the same way (`simd::score_pair_plane`).
     plane_pairs: [Vec<i32>; 2],
+    /// For 3-bit codes on a CPU with AVX-512 VNNI: the weights of `simd::score_split3_block_vnni`
+    /// (empty otherwise).
+    split3_vnni: Vec<i32>,
     unit: f32,
     bias: f32,
 }
@@ -293,7 +307,10 @@ impl CodeQuery {
             4 => crate::simd::score_nibble_block(block, &self.nibble_pairs),
             // The low plane's pair weights are the 3-bit codes' own (the high bit weighs 4×
             // through the code's value).
-            3 => crate::simd::score_split3_block(block, self.planes[0].1, &self.plane_pairs[0]),
+            3 => crate::simd::score_split3_block_vnni(block, self.planes[0].1, &self.split3_vnni)
+                .or_else(|| {
+                    crate::simd::score_split3_block(block, self.planes[0].1, &self.plane_pairs[0])
+                }),
             _ => None,
         };
         if let Some(acc) = fast {
@@ -366,6 +383,38 @@ mod tests {
             (s - dim as f32).abs() < 1e-3 * dim as f32,
             "score {s}, expected {dim}"
         );
+    }
+
+    #[test]
+    fn the_vnni_kernel_sums_what_the_avx2_kernel_sums() {
+        if !crate::simd::split3_vnni_available() {
+            println!("skipped: this CPU lacks AVX-512 VNNI/VBMI, so the kernel never runs here");
+            return;
+        }
+        let mut x = 7u64;
+        let mut next = || {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        for dim in [32, 64, 96, 128, 256] {
+            let keys: Vec<f32> = (0..dim * CODE_BLOCK).map(|_| next() * 4.0).collect();
+            let q: Vec<f32> = (0..dim).map(|_| next() * 3.0).collect();
+            let sq = ScalarQuantizer::fit(&keys, dim, 3);
+            let cq = sq.query(&q);
+            assert_eq!(cq.split3_vnni.len(), 4 * cq.planes[0].1, "dim {dim}");
+            let rows: Vec<&[f32]> = keys.chunks_exact(dim).collect();
+            let mut block = Vec::new();
+            sq.encode_block(&rows, &mut block);
+            let low = cq.planes[0].1;
+            let vnni = crate::simd::score_split3_block_vnni(&block, low, &cq.split3_vnni);
+            let mut portable = [0i32; CODE_BLOCK];
+            for plane in cq.planes.iter().filter(|p| p.1 > 0) {
+                cq.add_plane_scalar(&block, plane, &mut portable);
+            }
+            assert_eq!(vnni, Some(portable), "dim {dim}");
+        }
     }
 
     #[test]

@@ -69,16 +69,83 @@ pub fn dot_rows(rows: &[f32], dim: usize, q: &[f32], out: &mut Vec<f32>) {
 }
 
 /// Indices of the `k` largest values (in `total_cmp` order, ties broken by the lower index), in
-/// ascending index order. O(n): a histogram of the top 12 bits of the values' order-preserving
-/// integer images finds the bucket holding the k-th largest, a selection inside that bucket
-/// finds the value itself, and one pass collects the indices. Callers walk the result in index
-/// order, which keeps candidates grouped by the list they came from.
+/// ascending index order. O(n): the k-th largest value is found first (see [`kth_largest`]),
+/// then one pass collects the indices. Callers walk the result in index order, which keeps
+/// candidates grouped by the list they came from.
 pub fn top_k_indices(values: &[f32], k: usize) -> Vec<u32> {
     if k >= values.len() {
         return (0..values.len() as u32).collect();
     }
     if k == 0 {
         return Vec::new();
+    }
+    let (threshold, above) = kth_largest(values, k);
+    let mut ties_left = k - above;
+    // Eight values at a time into two bit masks (greater than the threshold, equal to it),
+    // then only the set bits are walked: a pass that wrote every index and moved its cursor
+    // past the taken ones took one dependent step per value.
+    let mut out = Vec::with_capacity(k + 8);
+    for (c, chunk) in values.chunks(8).enumerate() {
+        let (greater, equal) = crate::simd::key_masks(chunk, threshold, threshold, threshold);
+        let mut taken = greater | equal;
+        while taken != 0 {
+            let j = taken.trailing_zeros();
+            taken &= taken - 1;
+            if equal >> j & 1 == 1 {
+                if ties_left == 0 {
+                    continue;
+                }
+                ties_left -= 1;
+            }
+            out.push((8 * c) as u32 + j);
+        }
+    }
+    out
+}
+
+/// Values sampled to bracket the k-th largest (every ⌊n/256⌋-th).
+const TOP_K_SAMPLES: usize = 256;
+
+/// The order key of the k-th largest value (`0 < k < n`) and how many keys exceed it.
+///
+/// Sampled first: two keys of an evenly spaced sample that bracket the k-th largest with a
+/// margin of four binomial standard deviations split the values in one pass into those above
+/// (counted) and those between (kept), and a selection among the few kept finds the key. A
+/// histogram of the keys' top 12 bits does it where the sample misses, or for short inputs:
+/// scores crowd into a few binary exponents, where one bucket held hundreds of values to select
+/// among.
+fn kth_largest(values: &[f32], k: usize) -> (u32, usize) {
+    let n = values.len();
+    if n >= 4 * TOP_K_SAMPLES {
+        let mut sample: Vec<u32> = values
+            .iter()
+            .step_by(n / TOP_K_SAMPLES)
+            .map(|&v| order_key(v))
+            .collect();
+        sample.sort_unstable_by(|a, b| b.cmp(a));
+        let m = sample.len() as f64;
+        let p = k as f64 / n as f64;
+        let at = p * m;
+        let margin = 4.0 * (m * p * (1.0 - p)).sqrt() + 2.0;
+        let hi = sample[((at - margin).floor().max(0.0) as usize).min(sample.len() - 1)];
+        let lo = sample[((at + margin).ceil() as usize).min(sample.len() - 1)];
+        let mut above = 0usize;
+        let mut between: Vec<u32> = Vec::with_capacity((4.0 * margin / m * n as f64) as usize + 8);
+        for chunk in values.chunks(8) {
+            let (over, inside) = crate::simd::key_masks(chunk, hi, lo, hi);
+            above += over.count_ones() as usize;
+            let mut hits = inside;
+            while hits != 0 {
+                between.push(order_key(chunk[hits.trailing_zeros() as usize]));
+                hits &= hits - 1;
+            }
+        }
+        if above < k && above + between.len() >= k {
+            let rank = between.len() - (k - above);
+            let (_, &mut threshold, _) = between.select_nth_unstable(rank);
+            let above = above + between.iter().filter(|&&key| key > threshold).count();
+            return (threshold, above);
+        }
     }
     const BUCKET_SHIFT: u32 = 20;
     let mut counts = vec![0u32; 1 << (32 - BUCKET_SHIFT)];
@@ -98,34 +165,18 @@ pub fn top_k_indices(values: &[f32], k: usize) -> Vec<u32> {
         .collect();
     let rank = inside.len() - (k - above);
     let (_, &mut threshold, _) = inside.select_nth_unstable(rank);
-    let above = above + inside.iter().filter(|&&key| key > threshold).count();
-    let mut ties_left = k - above;
-    // Without branches: every index is written, and the cursor moves past the taken ones (a
-    // branch per value mispredicts on a third of them). Exactly k are taken, so one spare slot
-    // holds the last untaken write.
-    let mut out = vec![0u32; k + 1];
-    let mut n = 0;
-    for (i, &v) in values.iter().enumerate() {
-        let key = order_key(v);
-        let tie = key == threshold;
-        let take = key > threshold || (tie && ties_left > 0);
-        out[n] = i as u32;
-        n += take as usize;
-        ties_left -= (tie && take) as usize;
-    }
-    out.truncate(k);
-    out
+    (
+        threshold,
+        above + inside.iter().filter(|&&key| key > threshold).count(),
+    )
 }
 
-/// An integer whose order is `f32::total_cmp`'s: flip all bits of negatives, the sign of the rest.
+/// An integer whose order is `f32::total_cmp`'s: flip all bits of negatives, the sign of the rest
+/// (without a branch, so that loops over it vectorise).
 #[inline]
 fn order_key(v: f32) -> u32 {
     let b = v.to_bits();
-    if b >> 31 == 1 {
-        !b
-    } else {
-        b | 0x8000_0000
-    }
+    b ^ (((b as i32 >> 31) as u32) | 0x8000_0000)
 }
 
 pub use crate::simd::dot_f16_bytes;

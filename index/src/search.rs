@@ -747,13 +747,13 @@ impl Index {
         stats.centroids_scored += lscores.len() as u64;
         // The codes of every centroid scored, plus the quantiser (two f32 per dimension).
         stats.centroid_bytes = stats.centroids_scored * centroid_code_bytes as u64 + 8 * dim as u64;
-        // Only the lists about to be probed need an order: sort a generous prefix (twice the
-        // lists the probe target needs at the mean list size), the rest only if probing gets
-        // that far. The remainder estimate reads the rest in any order.
+        // Only the lists about to be probed need an order: sort a prefix (a quarter more lists
+        // than the probe target needs at the mean list size), more only if probing gets that
+        // far. The remainder estimate reads the rest in any order.
         let by_score = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
         let mean_list = (tokens as f64 / n_lists.max(1) as f64).max(1.0);
         let head_lists =
-            (2.0 * params.probe_fraction as f64 * visible as f64 / mean_list).ceil() as usize + 16;
+            (1.25 * params.probe_fraction as f64 * visible as f64 / mean_list).ceil() as usize + 16;
         let mut order = LazySort::new(&mut lscores, head_lists, by_score);
 
         let mut mark = started;
@@ -1401,11 +1401,17 @@ impl LazySort {
         LazySort { sorted }
     }
 
-    /// Puts `xs[i]` in its place, ordering the rest the first time `i` lies past the head.
+    /// Puts `xs[i]` in its place: past the ordered part, the next as many elements again are
+    /// selected and ordered (the same order a full sort gives, for a total order).
     fn reach<T>(&mut self, xs: &mut [T], i: usize, order: impl Fn(&T, &T) -> std::cmp::Ordering) {
-        if i >= self.sorted {
-            xs[self.sorted..].sort_unstable_by(order);
-            self.sorted = xs.len();
+        while i >= self.sorted && self.sorted < xs.len() {
+            let next = (2 * self.sorted).max(self.sorted + 16).min(xs.len());
+            let rest = &mut xs[self.sorted..];
+            if next - self.sorted < rest.len() {
+                rest.select_nth_unstable_by(next - self.sorted, &order);
+            }
+            rest[..next - self.sorted].sort_unstable_by(&order);
+            self.sorted = next;
         }
     }
 
