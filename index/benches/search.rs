@@ -73,7 +73,7 @@ fn bench(c: &mut Criterion) {
     g.finish();
 
     // The candidates of a 128K query head in the decode bench: the best 23% of 6,554 code
-    // scores (scores of real keys against a real query, a list's worth at a time).
+    // scores (3-bit codes of real keys against a real query).
     let sq = ScalarQuantizer::fit(&keys, dim, 3);
     let cq = sq.query(&q);
     let rows: Vec<&[f32]> = keys.chunks_exact(dim).cycle().take(6554).collect();

@@ -110,10 +110,10 @@ const TOP_K_SAMPLES: usize = 256;
 ///
 /// Sampled first: two keys of an evenly spaced sample that bracket the k-th largest with a
 /// margin of four binomial standard deviations split the values in one pass into those above
-/// (counted) and those between (kept), and a selection among the few kept finds the key. A
-/// histogram of the keys' top 12 bits does it where the sample misses, or for short inputs:
-/// scores crowd into a few binary exponents, where one bucket held hundreds of values to select
-/// among.
+/// (counted) and those between (kept), and a selection among the few kept finds the key. The
+/// histogram of the keys' top 12 bits that the sample replaced (scores crowd into a few binary
+/// exponents, so the bucket of the k-th largest held hundreds of values to select among) still
+/// serves short inputs and the rare sample that misses.
 fn kth_largest(values: &[f32], k: usize) -> (u32, usize) {
     let n = values.len();
     if n >= 4 * TOP_K_SAMPLES {
@@ -174,7 +174,7 @@ fn kth_largest(values: &[f32], k: usize) -> (u32, usize) {
 /// An integer whose order is `f32::total_cmp`'s: flip all bits of negatives, the sign of the rest
 /// (without a branch, so that loops over it vectorise).
 #[inline]
-fn order_key(v: f32) -> u32 {
+pub(crate) fn order_key(v: f32) -> u32 {
     let b = v.to_bits();
     b ^ (((b as i32 >> 31) as u32) | 0x8000_0000)
 }

@@ -322,6 +322,7 @@ pub fn score_split3_block(_block: &[u8], _low: usize, _pairs: &[i32]) -> Option<
 /// their order.
 #[inline]
 pub fn key_masks(chunk: &[f32], above: u32, from: u32, to: u32) -> (u32, u32) {
+    debug_assert!(chunk.len() <= 8, "a chunk of {} values", chunk.len());
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
     if chunk.len() == 8 {
         use std::arch::x86_64::*;
@@ -348,8 +349,7 @@ pub fn key_masks(chunk: &[f32], above: u32, from: u32, to: u32) -> (u32, u32) {
     }
     let (mut x, mut y) = (0u32, 0u32);
     for (j, &v) in chunk.iter().enumerate() {
-        let b = v.to_bits();
-        let key = b ^ (((b as i32 >> 31) as u32) | 0x8000_0000);
+        let key = crate::linalg::order_key(v);
         x |= ((key > above) as u32) << j;
         y |= ((key >= from && key <= to) as u32) << j;
     }
