@@ -1861,7 +1861,7 @@ fn check_head(
         return Err(format!("dim {dim} / code bits {bits} invalid"));
     }
     let code_bytes = crate::codes::code_bytes(bits, dim);
-    let centroid_code_bytes = dim.div_ceil(8 / centroid_code_bits as usize);
+    let centroid_code_bytes = crate::codes::code_bytes(centroid_code_bits, dim);
     let checks = [
         (
             h.centroid_codes.len() == lists * centroid_code_bytes,
