@@ -22,7 +22,7 @@ use strata_storage::reader::{ReaderKind, ReaderPreference};
 use strata_storage::segment::{ListLocation, SegmentFile};
 
 use crate::codes::{CodeQuery, ScalarQuantizer, CODE_BLOCK, RESIDUAL_CODE_BITS};
-use crate::linalg::{dot_f16_bytes, f16_bytes_to_f32, top_k_indices};
+use crate::linalg::{dot_f16_bytes, f16_bytes_to_f32, order_key, top_k_indices};
 use crate::manifest::{f32s, u16s, u32s, ArchivedHeadManifest, ArchivedManifest, MappedManifest};
 use crate::manifest::{LIST_HEADER_BYTES, LIST_MAGIC};
 use crate::params::SearchParams;
@@ -188,6 +188,8 @@ struct Planned<'a> {
     cand_scores: Vec<f32>,
     /// Row of each candidate in its list (its rank among the list's primary members).
     cand_rows: Vec<u32>,
+    /// Where each probed list's run of candidates starts (candidates come list by list).
+    cand_runs: Vec<u32>,
     /// The candidates to re-rank, as indices into the `cand_*` arrays, ascending.
     best: Vec<u32>,
     need: Vec<u32>,
@@ -498,7 +500,8 @@ impl Index {
                 let io_started = Instant::now();
                 let bufs = self.fetch_lists(p.head, &p.need, &mut p.stats)?;
                 p.stats.io_ns = io_started.elapsed().as_nanos() as u64;
-                self.finish(*p, &bufs, Gather::Values)
+                let views = self.parse_views(p.head, &bufs, &p.need)?;
+                self.finish(*p, &views, Gather::Values)
             }
         }
     }
@@ -555,6 +558,8 @@ impl Index {
         let io_started = Instant::now();
         let mut io_stats = SearchStats::default();
         let bufs = self.fetch_lists(head, &union, &mut io_stats)?;
+        // Each list is checked and parsed once for the whole group (counted as I/O time).
+        let views = self.parse_views(head, &bufs, &union)?;
         io_stats.io_ns = io_started.elapsed().as_nanos() as u64;
         if let Some((_, p)) = plans.first_mut() {
             p.stats.io_ns = io_stats.io_ns;
@@ -568,10 +573,10 @@ impl Index {
         let finished = plans
             .into_par_iter()
             .map(|(i, p)| {
-                let mine: Vec<Arc<AlignedBuf>> = p
+                let mine: Vec<ListView<'_>> = p
                     .need
                     .iter()
-                    .map(|l| bufs[union.binary_search(l).unwrap_or(0)].clone())
+                    .map(|l| views[union.binary_search(l).unwrap_or(0)])
                     .collect();
                 Ok((i, self.finish(*p, &mine, gather)?))
             })
@@ -781,6 +786,7 @@ impl Index {
         let mut cand_lists: Vec<u32> = Vec::with_capacity(probe_target + 64);
         let mut cand_scores: Vec<f32> = Vec::with_capacity(probe_target + 64);
         let mut cand_rows: Vec<u32> = Vec::with_capacity(probe_target + 64);
+        let mut cand_runs: Vec<u32> = Vec::new();
         let mut lane_scores = [0f32; CODE_BLOCK];
         while probed < probe_target && probed_lists < lscores.len() {
             order.reach(&mut lscores, probed_lists, by_score);
@@ -797,6 +803,7 @@ impl Index {
                     &primary_tokens[primary_start[n] as usize..primary_start[n + 1] as usize],
                 ));
             }
+            let run_start = cand_tokens.len();
             let members = &primary_tokens
                 [primary_start[l as usize] as usize..primary_start[l as usize + 1] as usize];
             let first_block = block_start[l as usize] as usize;
@@ -834,6 +841,9 @@ impl Index {
                     cand_rows.push(row0 + lane as u32);
                 }
             }
+            if cand_tokens.len() > run_start {
+                cand_runs.push(run_start as u32);
+            }
         }
         stats.code_bytes = stats.codes_scored * sq.code_bytes() as u64;
         stats.phases.codes_ns = lap(&mut mark);
@@ -866,17 +876,18 @@ impl Index {
             cand_lists,
             cand_scores,
             cand_rows,
+            cand_runs,
             best,
             need,
         })))
     }
 
-    /// Steps 3 and 4: exact re-ranking from the lists read (`bufs`, in the order of
+    /// Steps 3 and 4: exact re-ranking from the lists read (`views`, in the order of
     /// `plan.need`), the remainder estimate and the adaptive budget.
     fn finish(
         &self,
         plan: Planned<'_>,
-        bufs: &[Arc<AlignedBuf>],
+        views: &[ListView<'_>],
         gather: Gather,
     ) -> IndexResult<Retrieved> {
         let finish_started = Instant::now();
@@ -900,6 +911,7 @@ impl Index {
             cand_lists,
             cand_scores,
             cand_rows,
+            cand_runs,
             best,
             need,
         } = plan;
@@ -911,25 +923,6 @@ impl Index {
         // scored exactly: the codes already ranked every probed member, and re-scoring whole
         // lists would cost full-key work for tokens the codes ruled out. The plan appended
         // candidates list by list, so `best` (ascending) comes grouped by list.
-        let views = bufs
-            .iter()
-            .zip(&need)
-            .enumerate()
-            .map(|(i, (buf, &l))| {
-                // Each header (and the ids after it) is a cache miss of its own: ask for the
-                // next ones while this one is checked.
-                if let Some(ahead) = bufs.get(i + PREFETCH_LISTS_AHEAD) {
-                    // The header and the first 32 ids.
-                    crate::simd::prefetch(&ahead[..ahead.len().min(LIST_HEADER_BYTES + 128)]);
-                }
-                parse_list(buf, l, dim).map_err(|problem| IndexError::Open {
-                    path: self.segments[head.segment.to_native() as usize]
-                        .path()
-                        .to_path_buf(),
-                    problem: format!("list {l}: {problem}"),
-                })
-            })
-            .collect::<IndexResult<Vec<_>>>()?;
         let mut ex_tokens: Vec<u32> = Vec::with_capacity(best.len());
         let mut ex_scores: Vec<f32> = Vec::with_capacity(best.len());
         let mut ex_cand: Vec<u32> = Vec::with_capacity(best.len());
@@ -965,16 +958,19 @@ impl Index {
         let trusted_count = of_budget(params.code_trusted_fraction);
         let mut trusted = vec![false; ex_cand.len()];
         if trusted_count > 0 {
-            // Two selections over (code score, index), best first, rather than a sort.
+            // Two selections, best first, rather than a sort: over one integer per candidate
+            // whose order is (code score descending, index ascending), so that the selections
+            // compare integers rather than call a comparator.
             let skip = of_budget(params.code_trusted_from).min(ex_cand.len());
             let end = (skip + trusted_count).min(ex_cand.len());
-            let mut ranked: Vec<(f32, u32)> = ex_cand
+            let mut ranked: Vec<u64> = ex_cand
                 .iter()
                 .enumerate()
-                .map(|(i, &c)| (cand_scores[c as usize], i as u32))
+                .map(|(i, &c)| {
+                    (order_key(cand_scores[c as usize]) as u64) << 32 | (u32::MAX - i as u32) as u64
+                })
                 .collect();
-            let best_first =
-                |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+            let best_first = |a: &u64, b: &u64| b.cmp(a);
             if end < ranked.len() {
                 ranked.select_nth_unstable_by(end, best_first);
             }
@@ -982,20 +978,22 @@ impl Index {
             if skip > 0 && skip < leading.len() {
                 leading.select_nth_unstable_by(skip, best_first);
             }
-            for &(_, i) in &leading[skip..] {
-                trusted[i as usize] = true;
+            for &key in &leading[skip..] {
+                trusted[(u32::MAX - key as u32) as usize] = true;
             }
         }
         let key_row = |&(bi, r): &(u32, u32)| views[bi as usize].key_bytes(r as usize);
-        for (i, row) in ex_rows.iter().enumerate() {
-            if trusted[i] {
-                ex_scores.push(cand_scores[ex_cand[i] as usize]);
-                continue;
+        // Trusted candidates keep their code scores; the others' key rows are read, with the
+        // prefetch running ahead over those rows only (trusted ones need no key).
+        ex_scores.extend(ex_cand.iter().map(|&c| cand_scores[c as usize]));
+        let read_keys: Vec<u32> = (0..ex_rows.len() as u32)
+            .filter(|&i| !trusted[i as usize])
+            .collect();
+        for (j, &i) in read_keys.iter().enumerate() {
+            if let Some(&ahead) = read_keys.get(j + PREFETCH_ROWS_AHEAD) {
+                crate::simd::prefetch(key_row(&ex_rows[ahead as usize]));
             }
-            if let Some(ahead) = ex_rows.get(i + PREFETCH_ROWS_AHEAD) {
-                crate::simd::prefetch(key_row(ahead));
-            }
-            ex_scores.push(dot_f16_bytes(key_row(row), q));
+            ex_scores[i as usize] = dot_f16_bytes(key_row(&ex_rows[i as usize]), q);
         }
         // A finite query can still be large enough for `q·k` to overflow: an infinite logit
         // would make the attention and the estimate meaningless.
@@ -1048,9 +1046,15 @@ impl Index {
                 group_bounds: self.group_bounds.get(hi).map_or(&[], |b| b.as_slice()),
             };
             let mut est = RemainderEstimator::default();
-            let mut in_exact = vec![false; cand_tokens.len()];
-            for &c in &ex_cand {
-                in_exact[c as usize] = true;
+            // Every exactly scored candidate with its exact logit; the attended ones (the top
+            // `budget`) with -inf, so that they join no term.
+            let mut exact: Vec<(u32, f32)> = ex_cand
+                .iter()
+                .zip(&ex_scores)
+                .map(|(&c, &x)| (c, scale * x))
+                .collect();
+            for &i in &top {
+                exact[i as usize].1 = f32::NEG_INFINITY;
             }
             est.add_not_scored_exactly(
                 &ctx,
@@ -1058,20 +1062,10 @@ impl Index {
                 &lscores,
                 probed_lists,
                 &unexpanded,
-                (&cand_lists, &cand_scores),
-                &in_exact,
+                (&cand_lists, &cand_scores, &cand_runs),
+                &exact,
                 &mut stats,
             );
-            // Exactly scored tokens outside the top `budget`: exact logits.
-            let mut in_top = vec![false; ex_tokens.len()];
-            for &i in &top {
-                in_top[i as usize] = true;
-            }
-            for (i, &c) in ex_cand.iter().enumerate() {
-                if !in_top[i] {
-                    est.add_logit(cand_lists[c as usize], scale * ex_scores[i], 1.0);
-                }
-            }
             let mut attend = top.len();
             if let Some(target) = params.target_mass {
                 let s_lse = match static_lse {
@@ -1144,6 +1138,34 @@ impl Index {
         out.stats.search_ns =
             plan_ns + out.stats.io_ns + finish_started.elapsed().as_nanos() as u64;
         Ok(out)
+    }
+
+    /// The lists read (`bufs[i]` holds list `ids[i]`), checked and parsed.
+    fn parse_views<'b>(
+        &self,
+        head: &ArchivedHeadManifest,
+        bufs: &'b [Arc<AlignedBuf>],
+        ids: &[u32],
+    ) -> IndexResult<Vec<ListView<'b>>> {
+        let dim = head.dim.to_native() as usize;
+        bufs.iter()
+            .zip(ids)
+            .enumerate()
+            .map(|(i, (buf, &l))| {
+                // Each header (and the ids after it) is a cache miss of its own: ask for the
+                // next ones while this one is checked.
+                if let Some(ahead) = bufs.get(i + PREFETCH_LISTS_AHEAD) {
+                    // The header and the first 32 ids.
+                    crate::simd::prefetch(&ahead[..ahead.len().min(LIST_HEADER_BYTES + 128)]);
+                }
+                parse_list(buf, l, dim).map_err(|problem| IndexError::Open {
+                    path: self.segments[head.segment.to_native() as usize]
+                        .path()
+                        .to_path_buf(),
+                    problem: format!("list {l}: {problem}"),
+                })
+            })
+            .collect()
     }
 
     /// The quantiser of a head's centroid codes.
@@ -1531,9 +1553,11 @@ impl RemainderEstimator {
         }
     }
 
-    /// Every visible, non-static token the search did not score exactly: probed members by
-    /// their code score (or their list's centroid), unprobed lists by their centroid (or, on a
-    /// hierarchical head, their group's centroid) times their count of such members.
+    /// Every visible, non-static token the search did not attend: probed members by their
+    /// exact logit where they were scored exactly (`exact`: candidate index and exact logit,
+    /// -inf for an attended one), else by their code score (or their list's centroid);
+    /// unprobed lists by their centroid (or, on a hierarchical head, their group's centroid)
+    /// times their count of such members.
     #[allow(clippy::too_many_arguments)]
     fn add_not_scored_exactly(
         &mut self,
@@ -1542,8 +1566,8 @@ impl RemainderEstimator {
         lscores: &[(f32, u32)],
         probed_lists: usize,
         unexpanded: &[(u32, f32)],
-        (cand_lists, cand_scores): (&[u32], &[f32]),
-        in_exact: &[bool],
+        (cand_lists, cand_scores, cand_runs): (&[u32], &[f32], &[u32]),
+        exact: &[(u32, f32)],
         stats: &mut SearchStats,
     ) {
         let s = ctx.scale;
@@ -1561,42 +1585,52 @@ impl RemainderEstimator {
             0.0
         };
         if p.remainder_code_logits {
-            // Candidates come list by list: one term per list, its tokens' logits summed in
-            // log space, rather than one term per token. Every exponential is taken in one
-            // vectorised sweep against the largest open logit (a list more than ~87 below it
-            // underflows to weight 0, which it all but has anyway). Exactly scored candidates
-            // get -inf (weight 0 after exp), so no pass has a per-candidate branch.
-            let mut xs: Vec<f32> = cand_scores
-                .iter()
-                .zip(in_exact)
-                .map(|(&c, &done)| {
-                    if done {
-                        f32::NEG_INFINITY
-                    } else {
-                        s * c - noise
-                    }
-                })
-                .collect();
+            // Candidates come list by list: one term per list, its tokens' logits (exact where
+            // known, else from the codes) summed in log space, rather than one term per token.
+            // Every exponential is taken in one vectorised sweep against the largest logit (a
+            // list more than ~87 below it underflows to weight 0, which it all but has anyway).
+            // Attended candidates get -inf (weight 0 after exp), so no pass has a
+            // per-candidate branch.
+            let mut xs: Vec<f32> = cand_scores.iter().map(|&c| s * c - noise).collect();
+            for &(c, logit) in exact {
+                xs[c as usize] = logit;
+            }
             let max = crate::linalg::max_of(&xs);
             if max.is_finite() {
+                // Each list's count of unattended candidates, counted before the sweep (an
+                // unattended weight may underflow to 0 and still counts).
+                let ends = cand_runs.iter().skip(1).map(|&e| e as usize);
+                let runs: Vec<(usize, usize, usize)> = cand_runs
+                    .iter()
+                    .map(|&a| a as usize)
+                    .zip(ends.chain([xs.len()]))
+                    .map(|(a, b)| {
+                        (
+                            a,
+                            b,
+                            xs[a..b].iter().filter(|&&x| x > f32::NEG_INFINITY).count(),
+                        )
+                    })
+                    .collect();
                 xs.iter_mut().for_each(|x| *x -= max);
                 crate::simd::exp_in_place(&mut xs);
-                // Each run of one list: the sum of its weights and its open candidates.
-                let mut a = 0;
-                while a < cand_lists.len() {
-                    let l = cand_lists[a];
-                    let b = a + cand_lists[a..].iter().take_while(|&&x| x == l).count();
-                    let open = in_exact[a..b].iter().filter(|&&done| !done).count();
+                for (a, b, open) in runs {
                     if open > 0 {
                         let sum = crate::linalg::sum_of(&xs[a..b]);
-                        self.add_logit(l, max + (sum / open as f32).ln(), open as f32);
+                        self.add_logit(cand_lists[a], max + (sum / open as f32).ln(), open as f32);
                     }
-                    a = b;
                 }
             }
         } else {
+            let mut scored = vec![false; cand_lists.len()];
+            for &(c, logit) in exact {
+                scored[c as usize] = true;
+                if logit != f32::NEG_INFINITY {
+                    self.add_logit(cand_lists[c as usize], logit, 1.0);
+                }
+            }
             let mut counts: Vec<(u32, u32)> = Vec::new();
-            for (&l, &done) in cand_lists.iter().zip(in_exact) {
+            for (&l, &done) in cand_lists.iter().zip(&scored) {
                 if done {
                     continue;
                 }
@@ -1773,6 +1807,7 @@ pub fn combine_terms<'m>(
 }
 
 /// A posting list's parts, borrowed from its buffer.
+#[derive(Clone, Copy)]
 pub struct ListView<'a> {
     ids: &'a [u8],
     keys: &'a [u8],
