@@ -281,6 +281,15 @@ impl CodeQuery {
                 .sum();
             return self.bias + acc as f32 * self.unit;
         }
+        if self.bits == 4 {
+            let n = self.planes[0].1;
+            let acc = crate::simd::score_nibble_row(
+                &code[..n],
+                &self.weights[..n],
+                &self.weights[n..2 * n],
+            );
+            return self.bias + acc as f32 * self.unit;
+        }
         let mut acc = 0i32;
         for &(at, n, bits, _) in self.planes.iter().filter(|p| p.1 > 0) {
             let mask = ((1u32 << bits) - 1) as u8;

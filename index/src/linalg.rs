@@ -80,25 +80,21 @@ pub fn top_k_indices(values: &[f32], k: usize) -> Vec<u32> {
         return Vec::new();
     }
     let (threshold, above) = kth_largest(values, k);
-    let mut ties_left = k - above;
-    // Eight values at a time into two bit masks (greater than the threshold, equal to it),
-    // then only the set bits are walked: a pass that wrote every index and moved its cursor
-    // past the taken ones took one dependent step per value.
+    // Every index at or above the threshold, packed eight values at a time with no branch per
+    // value (a pass that branched on each taken bit mispredicted on real scores), then the ties
+    // beyond the k-th dropped from the end: the lowest indices among equal values are kept.
     let mut out = Vec::with_capacity(k + 8);
-    for (c, chunk) in values.chunks(8).enumerate() {
-        let (greater, equal) = crate::simd::key_masks(chunk, threshold, threshold, threshold);
-        let mut taken = greater | equal;
-        while taken != 0 {
-            let j = taken.trailing_zeros();
-            taken &= taken - 1;
-            if equal >> j & 1 == 1 {
-                if ties_left == 0 {
-                    continue;
-                }
-                ties_left -= 1;
+    crate::simd::indices_at_least(values, threshold, &mut out);
+    if out.len() > k {
+        let mut ties_left = k - above;
+        out.retain(|&i| {
+            if order_key(values[i as usize]) != threshold {
+                return true;
             }
-            out.push((8 * c) as u32 + j);
-        }
+            let keep = ties_left > 0;
+            ties_left = ties_left.saturating_sub(1);
+            keep
+        });
     }
     out
 }
@@ -129,17 +125,8 @@ fn kth_largest(values: &[f32], k: usize) -> (u32, usize) {
         let margin = 4.0 * (m * p * (1.0 - p)).sqrt() + 2.0;
         let hi = sample[((at - margin).floor().max(0.0) as usize).min(sample.len() - 1)];
         let lo = sample[((at + margin).ceil() as usize).min(sample.len() - 1)];
-        let mut above = 0usize;
         let mut between: Vec<u32> = Vec::with_capacity((4.0 * margin / m * n as f64) as usize + 8);
-        for chunk in values.chunks(8) {
-            let (over, inside) = crate::simd::key_masks(chunk, hi, lo, hi);
-            above += over.count_ones() as usize;
-            let mut hits = inside;
-            while hits != 0 {
-                between.push(order_key(chunk[hits.trailing_zeros() as usize]));
-                hits &= hits - 1;
-            }
-        }
+        let above = crate::simd::keys_within(values, lo, hi, &mut between);
         if above < k && above + between.len() >= k {
             let rank = between.len() - (k - above);
             let (_, &mut threshold, _) = between.select_nth_unstable(rank);
@@ -177,6 +164,22 @@ fn kth_largest(values: &[f32], k: usize) -> (u32, usize) {
 pub(crate) fn order_key(v: f32) -> u32 {
     let b = v.to_bits();
     b ^ (((b as i32 >> 31) as u32) | 0x8000_0000)
+}
+
+/// One integer whose descending order is (`score` descending by `total_cmp`, then `id`
+/// ascending): selections and sorts over it compare integers instead of calling a float
+/// comparator. [`from_best_first_key`] gives both back.
+#[inline]
+pub(crate) fn best_first_key(score: f32, id: u32) -> u64 {
+    (order_key(score) as u64) << 32 | (u32::MAX - id) as u64
+}
+
+/// The score and id of a [`best_first_key`].
+#[inline]
+pub(crate) fn from_best_first_key(key: u64) -> (f32, u32) {
+    let k = (key >> 32) as u32;
+    let bits = if k >> 31 == 1 { k ^ 0x8000_0000 } else { !k };
+    (f32::from_bits(bits), u32::MAX - key as u32)
 }
 
 pub use crate::simd::dot_f16_bytes;
@@ -289,5 +292,40 @@ mod tests {
         let mut out = Vec::new();
         f16_bytes_to_f32(&bytes, &mut out);
         assert_eq!(out, vals);
+    }
+
+    #[test]
+    fn best_first_keys_order_by_score_then_id_and_give_both_back() {
+        let scores = [
+            1.5,
+            -1.5,
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            3.0e-42,
+            1.5,
+        ];
+        let mut keyed: Vec<(u64, f32, u32)> = scores
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| (best_first_key(s, i as u32), s, i as u32))
+            .collect();
+        for &(key, s, id) in &keyed {
+            let (back, back_id) = from_best_first_key(key);
+            assert_eq!((back.to_bits(), back_id), (s.to_bits(), id));
+        }
+        keyed.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        for w in keyed.windows(2) {
+            let order = w[1].1.total_cmp(&w[0].1).then(w[0].2.cmp(&w[1].2));
+            assert_eq!(
+                order,
+                std::cmp::Ordering::Less,
+                "{:?} before {:?}",
+                w[0],
+                w[1]
+            );
+        }
     }
 }

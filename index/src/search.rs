@@ -22,7 +22,9 @@ use strata_storage::reader::{ReaderKind, ReaderPreference};
 use strata_storage::segment::{ListLocation, SegmentFile};
 
 use crate::codes::{CodeQuery, ScalarQuantizer, CODE_BLOCK, RESIDUAL_CODE_BITS};
-use crate::linalg::{dot_f16_bytes, f16_bytes_to_f32, order_key, top_k_indices};
+use crate::linalg::{
+    best_first_key, dot_f16_bytes, f16_bytes_to_f32, from_best_first_key, top_k_indices,
+};
 use crate::manifest::{f32s, u16s, u32s, ArchivedHeadManifest, ArchivedManifest, MappedManifest};
 use crate::manifest::{LIST_HEADER_BYTES, LIST_MAGIC};
 use crate::params::SearchParams;
@@ -720,8 +722,11 @@ impl Index {
                 .map(|c| ccq.score(c))
                 .collect();
             stats.centroids_scored += gscores.len() as u64;
-            let mut order: Vec<u32> = (0..gscores.len() as u32).collect();
-            order.sort_unstable_by(|&a, &b| gscores[b as usize].total_cmp(&gscores[a as usize]));
+            let mut keys: Vec<u64> = (0..gscores.len() as u32)
+                .map(|g| best_first_key(gscores[g as usize], g))
+                .collect();
+            keys.sort_unstable_by(|a, b| b.cmp(a));
+            let order: Vec<u32> = keys.iter().map(|&k| from_best_first_key(k).1).collect();
             let target = 2.0 * params.probe_fraction as f64 * visible as f64;
             let mut out = Vec::new();
             let mut covered = 0usize;
@@ -741,25 +746,26 @@ impl Index {
             }
             out
         };
-        let mut lscores: Vec<(f32, u32)> = candidate_lists
+        // Each list's score and id as one integer (`best_first_key`), so that ordering the
+        // lists compares integers.
+        let mut lkeys: Vec<u64> = candidate_lists
             .iter()
             .map(|&l| {
                 let at = l as usize * centroid_code_bytes;
-                let c = &centroid_codes[at..at + centroid_code_bytes];
-                (ccq.score(c), l)
+                best_first_key(ccq.score(&centroid_codes[at..at + centroid_code_bytes]), l)
             })
             .collect();
-        stats.centroids_scored += lscores.len() as u64;
+        stats.centroids_scored += lkeys.len() as u64;
         // The codes of every centroid scored, plus the quantiser (two f32 per dimension).
         stats.centroid_bytes = stats.centroids_scored * centroid_code_bytes as u64 + 8 * dim as u64;
         // Only the lists about to be probed need an order: sort a prefix (a quarter more lists
         // than the probe target needs at the mean list size), more only if probing gets that
         // far. The remainder estimate reads the rest in any order.
-        let by_score = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+        let best_first = |a: &u64, b: &u64| b.cmp(a);
         let mean_list = (tokens as f64 / n_lists.max(1) as f64).max(1.0);
         let head_lists =
             (1.25 * params.probe_fraction as f64 * visible as f64 / mean_list).ceil() as usize + 16;
-        let mut order = LazySort::new(&mut lscores, head_lists, by_score);
+        let mut order = LazySort::new(&mut lkeys, head_lists, best_first);
 
         let mut mark = started;
         stats.phases.centroids_ns = lap(&mut mark);
@@ -788,15 +794,15 @@ impl Index {
         let mut cand_rows: Vec<u32> = Vec::with_capacity(probe_target + 64);
         let mut cand_runs: Vec<u32> = Vec::new();
         let mut lane_scores = [0f32; CODE_BLOCK];
-        while probed < probe_target && probed_lists < lscores.len() {
-            order.reach(&mut lscores, probed_lists, by_score);
-            let (centroid_score, l) = lscores[probed_lists];
+        while probed < probe_target && probed_lists < lkeys.len() {
+            order.reach(&mut lkeys, probed_lists, best_first);
+            let (centroid_score, l) = from_best_first_key(lkeys[probed_lists]);
             let base = if residual { centroid_score } else { 0.0 };
             probed_lists += 1;
             // The next list's codes and members lie elsewhere in the manifest: ask for them
             // while this list is scored.
-            if let Some(&(_, next)) = lscores[..order.sorted()].get(probed_lists) {
-                let n = next as usize;
+            if let Some(&next) = lkeys[..order.sorted()].get(probed_lists) {
+                let n = from_best_first_key(next).1 as usize;
                 let blocks = block_start[n] as usize..block_start[n + 1] as usize;
                 crate::simd::prefetch(&codes[blocks.start * block_bytes..blocks.end * block_bytes]);
                 crate::simd::prefetch(bytemuck::cast_slice(
@@ -846,6 +852,7 @@ impl Index {
             }
         }
         stats.code_bytes = stats.codes_scored * sq.code_bytes() as u64;
+        let lscores: Vec<(f32, u32)> = lkeys.iter().map(|&k| from_best_first_key(k)).collect();
         stats.phases.codes_ns = lap(&mut mark);
         let keep = ((params.rerank_factor as f64) * budget as f64).ceil() as usize;
         let best = top_k_indices(&cand_scores, keep);
@@ -958,17 +965,14 @@ impl Index {
         let trusted_count = of_budget(params.code_trusted_fraction);
         let mut trusted = vec![false; ex_cand.len()];
         if trusted_count > 0 {
-            // Two selections, best first, rather than a sort: over one integer per candidate
-            // whose order is (code score descending, index ascending), so that the selections
-            // compare integers rather than call a comparator.
+            // Two selections, best first, rather than a sort, over one integer per candidate
+            // (`best_first_key` of its code score and index).
             let skip = of_budget(params.code_trusted_from).min(ex_cand.len());
             let end = (skip + trusted_count).min(ex_cand.len());
             let mut ranked: Vec<u64> = ex_cand
                 .iter()
                 .enumerate()
-                .map(|(i, &c)| {
-                    (order_key(cand_scores[c as usize]) as u64) << 32 | (u32::MAX - i as u32) as u64
-                })
+                .map(|(i, &c)| best_first_key(cand_scores[c as usize], i as u32))
                 .collect();
             let best_first = |a: &u64, b: &u64| b.cmp(a);
             if end < ranked.len() {
@@ -979,7 +983,7 @@ impl Index {
                 leading.select_nth_unstable_by(skip, best_first);
             }
             for &key in &leading[skip..] {
-                trusted[(u32::MAX - key as u32) as usize] = true;
+                trusted[from_best_first_key(key).1 as usize] = true;
             }
         }
         let key_row = |&(bi, r): &(u32, u32)| views[bi as usize].key_bytes(r as usize);

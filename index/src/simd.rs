@@ -316,44 +316,184 @@ pub fn score_split3_block(_block: &[u8], _low: usize, _pairs: &[i32]) -> Option<
     None
 }
 
-/// For 8 floats (`chunk`, fewer at the end of a slice), bit masks of which have a `total_cmp`
-/// order key above `above`, and which a key in `[from, to]`: `(above, within)`. The keys are
-/// those of `linalg::order_key`, compared here with the sign bit flipped, where signed order is
-/// their order.
-#[inline]
-pub fn key_masks(chunk: &[f32], above: u32, from: u32, to: u32) -> (u32, u32) {
-    debug_assert!(chunk.len() <= 8, "a chunk of {} values", chunk.len());
+/// `Σ_j low[j]·(code[j] & 15) + high[j]·(code[j] >> 4)`: one 4-bit code (two dimensions per
+/// byte, low nibble first) against its i16 weights. Centroid codes are scored one row at a time,
+/// a few hundred per query head; the block kernels need 32 keys transposed.
+pub fn score_nibble_row(code: &[u8], low: &[i16], high: &[i16]) -> i32 {
+    let n = code.len().min(low.len()).min(high.len());
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
+    let (mut acc, done) = (0i32, 0);
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-    if chunk.len() == 8 {
+    let (mut acc, done) = {
         use std::arch::x86_64::*;
-        // SAFETY: the cfg guarantees AVX2 at compile time; the one load reads the 8 floats of
-        // `chunk` (its length checked above), unaligned.
+        let done = n / 16 * 16;
+        // SAFETY: the cfg guarantees AVX2 at compile time; every load reads 16 bytes of `code`
+        // or 16 i16 of `low` and `high` at offsets below `done`, which is at most their lengths.
         unsafe {
-            let bits = _mm256_castps_si256(_mm256_loadu_ps(chunk.as_ptr()));
-            // The key with its sign bit flipped: negatives' other bits flipped.
-            let negative = _mm256_srai_epi32::<31>(bits);
-            let signed = _mm256_xor_si256(
-                bits,
-                _mm256_and_si256(negative, _mm256_set1_epi32(i32::MAX)),
+            let nibble = _mm_set1_epi8(15);
+            let mut sum = _mm256_setzero_si256();
+            for j in (0..done).step_by(16) {
+                let bytes = _mm_loadu_si128(code.as_ptr().add(j) as *const __m128i);
+                let lo = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, nibble));
+                let hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(bytes), nibble));
+                let wl = _mm256_loadu_si256(low.as_ptr().add(j) as *const __m256i);
+                let wh = _mm256_loadu_si256(high.as_ptr().add(j) as *const __m256i);
+                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(lo, wl));
+                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(hi, wh));
+            }
+            let half = _mm_add_epi32(
+                _mm256_castsi256_si128(sum),
+                _mm256_extracti128_si256::<1>(sum),
             );
-            let flip = |k: u32| _mm256_set1_epi32((k ^ 0x8000_0000) as i32);
-            let over = _mm256_cmpgt_epi32(signed, flip(above));
-            let below = _mm256_cmpgt_epi32(flip(from), signed);
-            let past = _mm256_cmpgt_epi32(signed, flip(to));
-            let within = _mm256_andnot_si256(_mm256_or_si256(below, past), _mm256_set1_epi32(-1));
-            return (
-                _mm256_movemask_ps(_mm256_castsi256_ps(over)) as u32,
-                _mm256_movemask_ps(_mm256_castsi256_ps(within)) as u32,
-            );
+            let quad = _mm_add_epi32(half, _mm_shuffle_epi32::<0b01_00_11_10>(half));
+            let one = _mm_add_epi32(quad, _mm_shuffle_epi32::<0b10_11_00_01>(quad));
+            (_mm_cvtsi128_si32(one), done)
+        }
+    };
+    for j in done..n {
+        acc += low[j] as i32 * (code[j] & 15) as i32 + high[j] as i32 * (code[j] >> 4) as i32;
+    }
+    acc
+}
+
+/// For each 8-bit mask, the positions of its set bits in ascending order, one per byte (the
+/// rest 0): the lane permutation that packs the selected lanes of 8 to the front.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+const PACK_LANES: [u64; 256] = {
+    let mut table = [0u64; 256];
+    let mut mask = 0;
+    while mask < 256 {
+        let (mut packed, mut at, mut lane) = (0u64, 0, 0);
+        while lane < 8 {
+            if mask >> lane & 1 == 1 {
+                packed |= (lane as u64) << (8 * at);
+                at += 1;
+            }
+            lane += 1;
+        }
+        table[mask] = packed;
+        mask += 1;
+    }
+    table
+};
+
+/// Appends the lanes of `lanes` that `mask` selects, in lane order, with no branch per lane.
+///
+/// # Safety
+/// The CPU must have AVX2 (the caller's cfg guarantees it).
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+#[inline]
+unsafe fn append_lanes(lanes: std::arch::x86_64::__m256i, mask: u32, out: &mut Vec<u32>) {
+    use std::arch::x86_64::*;
+    out.reserve(8);
+    let len = out.len();
+    let order = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(PACK_LANES[mask as usize & 0xff] as i64));
+    // SAFETY: `reserve(8)` leaves room for 8 u32 past `len`, so the unaligned 32-byte store
+    // stays inside the allocation; the first `count_ones(mask)` of them are the selected lanes,
+    // written before the length covers them.
+    unsafe {
+        _mm256_storeu_si256(
+            out.as_mut_ptr().add(len) as *mut __m256i,
+            _mm256_permutevar8x32_epi32(lanes, order),
+        );
+        out.set_len(len + (mask & 0xff).count_ones() as usize);
+    }
+}
+
+/// One pass over `values` by their `total_cmp` order keys (`linalg::order_key`): appends the
+/// keys within `[from, to]` to `within`, in order, and returns how many keys exceed `to`.
+pub fn keys_within(values: &[f32], from: u32, to: u32, within: &mut Vec<u32>) -> usize {
+    let mut above = 0usize;
+    // Whole chunks of 8 with AVX2; what is left (everything, without AVX2) one at a time.
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
+    let done = 0;
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+    let done = {
+        use std::arch::x86_64::*;
+        let done = values.len() / 8 * 8;
+        for chunk in values[..done].chunks_exact(8) {
+            // SAFETY: the cfg guarantees AVX2 at compile time; the load reads the chunk's 8
+            // floats.
+            unsafe {
+                let bits = _mm256_castps_si256(_mm256_loadu_ps(chunk.as_ptr()));
+                let (signed, key) = signed_and_order_keys(bits);
+                let flip = |k: u32| _mm256_set1_epi32((k ^ 0x8000_0000) as i32);
+                let over = _mm256_cmpgt_epi32(signed, flip(to));
+                let below = _mm256_cmpgt_epi32(flip(from), signed);
+                let outside = _mm256_or_si256(below, over);
+                let outside = _mm256_movemask_ps(_mm256_castsi256_ps(outside)) as u32;
+                above +=
+                    (_mm256_movemask_ps(_mm256_castsi256_ps(over)) as u32).count_ones() as usize;
+                append_lanes(key, !outside & 0xff, within);
+            }
+        }
+        done
+    };
+    for &v in &values[done..] {
+        let key = crate::linalg::order_key(v);
+        above += (key > to) as usize;
+        if key >= from && key <= to {
+            within.push(key);
         }
     }
-    let (mut x, mut y) = (0u32, 0u32);
-    for (j, &v) in chunk.iter().enumerate() {
-        let key = crate::linalg::order_key(v);
-        x |= ((key > above) as u32) << j;
-        y |= ((key >= from && key <= to) as u32) << j;
+    above
+}
+
+/// Appends to `out`, ascending, the indices of `values` whose `total_cmp` order key is at
+/// least `from`.
+pub fn indices_at_least(values: &[f32], from: u32, out: &mut Vec<u32>) {
+    // Whole chunks of 8 with AVX2; what is left (everything, without AVX2) one at a time.
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
+    let done = 0;
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+    let done = {
+        use std::arch::x86_64::*;
+        let done = values.len() / 8 * 8;
+        for (c, chunk) in values[..done].chunks_exact(8).enumerate() {
+            // SAFETY: the cfg guarantees AVX2 at compile time; the load reads the chunk's 8
+            // floats.
+            unsafe {
+                let bits = _mm256_castps_si256(_mm256_loadu_ps(chunk.as_ptr()));
+                let (signed, _) = signed_and_order_keys(bits);
+                let floor = _mm256_set1_epi32((from ^ 0x8000_0000) as i32);
+                let below = _mm256_cmpgt_epi32(floor, signed);
+                let taken = !(_mm256_movemask_ps(_mm256_castsi256_ps(below)) as u32) & 0xff;
+                let index = _mm256_add_epi32(
+                    _mm256_set1_epi32((8 * c) as i32),
+                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                );
+                append_lanes(index, taken, out);
+            }
+        }
+        done
+    };
+    for (i, &v) in values.iter().enumerate().skip(done) {
+        if crate::linalg::order_key(v) >= from {
+            out.push(i as u32);
+        }
     }
-    (x, y)
+}
+
+/// The order keys of 8 floats with their sign bit flipped (so that signed compares order
+/// them), and the keys themselves.
+///
+/// # Safety
+/// The CPU must have AVX2 (the caller's cfg guarantees it).
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+#[inline]
+unsafe fn signed_and_order_keys(
+    bits: std::arch::x86_64::__m256i,
+) -> (std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) {
+    use std::arch::x86_64::*;
+    let negative = _mm256_srai_epi32::<31>(bits);
+    let signed = _mm256_xor_si256(
+        bits,
+        _mm256_and_si256(negative, _mm256_set1_epi32(i32::MAX)),
+    );
+    (
+        signed,
+        _mm256_xor_si256(signed, _mm256_set1_epi32(i32::MIN)),
+    )
 }
 
 /// Whether this CPU runs [`score_split3_block_vnni`]: AVX-512 with VNNI (`vpdpbusd`, four u8 ×
@@ -619,7 +759,30 @@ mod tests {
     }
 
     #[test]
-    fn key_masks_order_values_as_total_cmp_does() {
+    fn the_nibble_row_kernel_sums_what_the_formula_sums() {
+        let mut x = 11u64;
+        let mut next = || {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 33) as u32
+        };
+        // Lengths around the 16-byte chunks, so that both the vector and the scalar paths run.
+        for n in [1, 15, 16, 17, 32, 48, 64, 100, 128] {
+            let code: Vec<u8> = (0..n).map(|_| next() as u8).collect();
+            let low: Vec<i16> = (0..n).map(|_| next() as i16).collect();
+            let high: Vec<i16> = (0..n).map(|_| next() as i16).collect();
+            let want: i32 = (0..n)
+                .map(|j| {
+                    low[j] as i32 * (code[j] & 15) as i32 + high[j] as i32 * (code[j] >> 4) as i32
+                })
+                .sum();
+            assert_eq!(score_nibble_row(&code, &low, &high), want, "{n} bytes");
+        }
+    }
+
+    #[test]
+    fn key_scans_order_values_as_total_cmp_does() {
         let specials = [
             0.0,
             -0.0,
@@ -646,21 +809,28 @@ mod tests {
                 b | 0x8000_0000
             }
         };
+        // Lengths around the 8-lane chunks, so that both the packed and the one-at-a-time
+        // paths run.
         for start in 0..specials.len() {
-            for len in 1..=8 {
-                let chunk: Vec<f32> = (0..len)
+            for len in [1, 7, 8, 9, 16, 23] {
+                let values: Vec<f32> = (0..len)
                     .map(|i| specials[(start + 3 * i) % specials.len()])
                     .collect();
                 for &a in &specials {
                     for &b in &specials[..6] {
-                        let (above, from, to) = (key(a), key(b).min(key(a)), key(b).max(key(a)));
-                        let (x, y) = key_masks(&chunk, above, from, to);
-                        for (j, &v) in chunk.iter().enumerate() {
-                            assert_eq!(x >> j & 1 == 1, key(v) > above, "{v} above {a}");
-                            let within = key(v) >= from && key(v) <= to;
-                            assert_eq!(y >> j & 1 == 1, within, "{v} within {a}, {b}");
-                        }
-                        assert_eq!((x | y) >> len, 0, "bits past the chunk");
+                        let (from, to) = (key(b).min(key(a)), key(b).max(key(a)));
+                        let mut within = Vec::new();
+                        let above = keys_within(&values, from, to, &mut within);
+                        let keys = values.iter().map(|&v| key(v));
+                        assert_eq!(above, keys.clone().filter(|&k| k > to).count(), "{a} {b}");
+                        let want: Vec<u32> = keys.filter(|&k| k >= from && k <= to).collect();
+                        assert_eq!(within, want, "keys within {a}, {b}");
+                        let mut at_least = Vec::new();
+                        indices_at_least(&values, from, &mut at_least);
+                        let want: Vec<u32> = (0..len as u32)
+                            .filter(|&i| key(values[i as usize]) >= from)
+                            .collect();
+                        assert_eq!(at_least, want, "indices at least {b}");
                     }
                 }
             }
