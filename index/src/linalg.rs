@@ -316,7 +316,7 @@ mod tests {
             let (back, back_id) = from_best_first_key(key);
             assert_eq!((back.to_bits(), back_id), (s.to_bits(), id));
         }
-        keyed.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        keyed.sort_unstable_by_key(|k| std::cmp::Reverse(k.0));
         for w in keyed.windows(2) {
             let order = w[1].1.total_cmp(&w[0].1).then(w[0].2.cmp(&w[1].2));
             assert_eq!(
