@@ -46,10 +46,51 @@ pub fn attend_group_f32(
     debug_assert!(dim > 0 && keys.len().is_multiple_of(dim) && values.len() == keys.len());
     debug_assert!(queries.iter().all(|q| q.len() == dim));
     let n = keys.len() / dim.max(1);
-    let mut weights = group_logits(keys.chunks_exact(dim), n, queries, scale, dot);
+    attend_group_over(
+        keys.chunks_exact(dim),
+        values.chunks_exact(dim),
+        n,
+        queries,
+        scale,
+        dim,
+    )
+}
+
+/// [`attend_group_f32`] over key and value rows that lie where they are (`(key, value)` pairs,
+/// `dim` floats each): the engine's static tokens (sinks, the recent window, the unfolded
+/// tail) live in three stores, and are attended without being copied together first.
+pub fn attend_group_rows(
+    rows: &[(&[f32], &[f32])],
+    queries: &[&[f32]],
+    scale: f32,
+    dim: usize,
+) -> Vec<Attended> {
+    debug_assert!(rows.iter().all(|(k, v)| k.len() == dim && v.len() == dim));
+    debug_assert!(queries.iter().all(|q| q.len() == dim));
+    let keys = rows.iter().map(|r| r.0);
+    attend_group_over(
+        keys,
+        rows.iter().map(|r| r.1),
+        rows.len(),
+        queries,
+        scale,
+        dim,
+    )
+}
+
+/// The group attention of [`attend_group_f32`] over `n` f32 key and value rows.
+fn attend_group_over<'r>(
+    keys: impl Iterator<Item = &'r [f32]>,
+    values: impl Iterator<Item = &'r [f32]>,
+    n: usize,
+    queries: &[&[f32]],
+    scale: f32,
+    dim: usize,
+) -> Vec<Attended> {
+    let mut weights = group_logits(keys, n, queries, scale, dot);
     let (maxes, denoms) = softmax_weights(&mut weights, queries.len(), n);
     let mut outs = vec![vec![0f32; dim]; queries.len()];
-    for (i, v) in values.chunks_exact(dim).enumerate().take(n) {
+    for (i, v) in values.enumerate().take(n) {
         accumulate(&mut outs, &weights, n, i, v);
     }
     normalise(outs, &maxes, &denoms, dim)
@@ -216,6 +257,30 @@ mod tests {
             }
         }
         let empty = attend_group_f16(&[], &[], &refs, 0.5, dim);
+        assert!(empty.iter().all(|a| a.lse == f32::NEG_INFINITY));
+        // Rows where they lie, in any order, give what the same rows stored together give.
+        let order: Vec<usize> = (0..200).map(|i| (i * 37) % 200).collect();
+        let rows: Vec<(&[f32], &[f32])> = order
+            .iter()
+            .map(|&i| {
+                (
+                    &keys[i * dim..(i + 1) * dim],
+                    &values[i * dim..(i + 1) * dim],
+                )
+            })
+            .collect();
+        let gathered = |xs: &[f32]| -> Vec<f32> {
+            order
+                .iter()
+                .flat_map(|&i| xs[i * dim..(i + 1) * dim].to_vec())
+                .collect()
+        };
+        let want = attend_group_f32(&gathered(&keys), &gathered(&values), &refs, 0.5, dim);
+        let got = attend_group_rows(&rows, &refs, 0.5, dim);
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!((g.lse, &g.output), (w.lse, &w.output));
+        }
+        let empty = attend_group_rows(&[], &refs, 0.5, dim);
         assert!(empty.iter().all(|a| a.lse == f32::NEG_INFINITY));
     }
 }

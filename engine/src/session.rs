@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use strata_index::linalg::dot;
 use strata_index::manifest::SourceInfo;
 use strata_index::search::{Gather, SearchPhases};
 use strata_index::{
@@ -19,7 +18,7 @@ use strata_storage::cache::RamCache;
 use strata_storage::reader::ReaderPreference;
 
 use crate::attention::{merge, Attended};
-use crate::cpu::attend_f32;
+use crate::cpu::{attend_f32, attend_group_rows};
 use crate::error::{EngineError, EngineResult};
 
 /// The model shape and the context of a session.
@@ -527,14 +526,11 @@ impl Session {
             .into_par_iter()
             .map(|h| {
                 let mut tel = StepTelemetry::default();
-                // Static rows of this KV head, in `statics` order.
-                let mut sk = Vec::with_capacity(statics.len() * dim);
-                let mut sv = Vec::with_capacity(statics.len() * dim);
-                for &t in &statics {
-                    let (k, v) = row(st_ref, self.base_tokens, h, t, dim);
-                    sk.extend_from_slice(k);
-                    sv.extend_from_slice(v);
-                }
+                // Static rows of this KV head, in `statics` order, where they lie.
+                let static_rows: Vec<(&[f32], &[f32])> = statics
+                    .iter()
+                    .map(|&t| row(st_ref, self.base_tokens, h, t, dim))
+                    .collect();
                 let mut outs = Vec::with_capacity(group);
                 // The group's query heads are searched together: the lists they need are read
                 // once per index.
@@ -561,15 +557,16 @@ impl Session {
                     }
                     per_index.push(rs);
                 }
-                for (gi, q) in qs.iter().enumerate() {
+                // Attention over each part separately (the static rows, each index's retrieved
+                // tokens, each remainder estimate), merged by log-sum-exp: no part's values are
+                // copied. The static rows are read once for the whole group.
+                let at = Instant::now();
+                let static_parts = attend_group_rows(&static_rows, &qs, scale, dim);
+                tel.attention_ns += at.elapsed().as_nanos() as u64;
+                for (gi, static_part) in static_parts.into_iter().enumerate() {
                     let parts: Vec<&Retrieved> = per_index.iter().map(|rs| &rs[gi]).collect();
                     let at = Instant::now();
-                    // Attention over each part separately (static rows, each index's retrieved
-                    // tokens, each remainder estimate), merged by log-sum-exp: no part's values
-                    // are copied.
-                    let static_logits: Vec<f32> =
-                        sk.chunks_exact(dim).map(|k| scale * dot(k, q)).collect();
-                    let mut pieces = vec![attend_f32(&static_logits, &sv, dim)];
+                    let mut pieces = vec![static_part];
                     for r in parts.iter().copied() {
                         let s = &r.stats;
                         tel.search_ns += s.search_ns;
