@@ -7,7 +7,8 @@
 //! Keys, values and queries are resampled from the shared SmolLM2 dump: each synthetic 128-dim
 //! head concatenates two real 64-dim heads (runs of consecutive real positions, so local
 //! structure survives), plus a little noise. Queries of consecutive steps come from consecutive
-//! real query positions, so they are as similar as real decoding queries are. This is data for
+//! real query positions, so they are as similar as real decoding queries are; the four query
+//! heads of a group are four distinct pairs of the source's query heads. This is data for
 //! speed and scale; quality claims come from `strata eval` on real dumps.
 
 use std::path::{Path, PathBuf};
@@ -268,13 +269,23 @@ impl Source {
         Layer { keys, values }
     }
 
+    /// The real query head (of the source KV head `sk`) that half `side` of synthetic query
+    /// head `g` of its group comes from. Sides take `g mod 3` and `(g + ⌊g/3⌋) mod 3` of the
+    /// source's three query heads per KV head, so the group's four heads are four distinct
+    /// pairs ((0,0), (1,1), (2,2), (0,1)): no head of a group repeats another, which would
+    /// flatter anything shared within the group.
+    fn src_query_head(&self, sk: usize, g: usize, side: usize) -> usize {
+        let src_group = self.dump.group_size();
+        let within = if side == 0 { g } else { g + g / src_group };
+        sk * src_group + within % src_group
+    }
+
     /// Prefill queries of KV head `h`'s query heads (`rows × DIM`) for query-aware clustering:
     /// made from the dump's train queries the way step queries are made from its evaluation
     /// queries, so the index never sees the queries it is measured with.
     fn train_queries(&self, layer: usize, h: usize) -> Vec<f32> {
         let d = &self.dump;
         let half = DIM / 2;
-        let src_group = d.group_size();
         let Some(train) = d.train_queries.as_ref() else {
             return Vec::new();
         };
@@ -282,9 +293,8 @@ impl Source {
         let group = Q_HEADS / KV_HEADS;
         let mut out = vec![0f32; group * rows * DIM];
         for g in 0..group {
-            let qh = h * group + g;
             for (side, &(sl, sk)) in self.pair(layer, h).iter().enumerate() {
-                let src_head = sk * src_group + qh % src_group;
+                let src_head = self.src_query_head(sk, g, side);
                 for i in 0..rows {
                     let at = (g * rows + i) * DIM + side * half;
                     out[at..at + half].copy_from_slice(train.row(sl, src_head, i));
@@ -298,13 +308,13 @@ impl Source {
     fn queries(&self, layer: usize, step: usize, rng: &mut impl Rng) -> Vec<f32> {
         let d = &self.dump;
         let half = DIM / 2;
-        let src_group = d.group_size();
         let qi = step % d.query_positions.len();
         let mut out = vec![0f32; Q_HEADS * DIM];
+        let group = Q_HEADS / KV_HEADS;
         for qh in 0..Q_HEADS {
-            let h = qh / (Q_HEADS / KV_HEADS);
+            let h = qh / group;
             for (side, &(sl, sk)) in self.pair(layer, h).iter().enumerate() {
-                let src_head = sk * src_group + qh % src_group;
+                let src_head = self.src_query_head(sk, qh % group, side);
                 let q = d.queries.row(sl, src_head, qi);
                 for j in 0..half {
                     out[qh * DIM + side * half + j] =
@@ -660,7 +670,9 @@ fn run_context(
         search.probe_fraction * 100.0
     );
     let spec = SessionSpec {
-        model: "llama-3-8b-shaped (resampled SmolLM2)".into(),
+        // Named apart from the data of earlier builds (whose query heads repeated within a
+        // group), so that `--reuse-index` never reopens an index fitted to other queries.
+        model: "llama-3-8b-shaped (resampled SmolLM2, distinct group heads)".into(),
         layers: (0..args.layers).collect(),
         q_heads: Q_HEADS,
         kv_heads: KV_HEADS,
