@@ -81,8 +81,9 @@ pub fn top_k_indices(values: &[f32], k: usize) -> Vec<u32> {
     }
     let (threshold, above) = kth_largest(values, k);
     // Every index at or above the threshold, packed eight values at a time with no branch per
-    // value (a pass that branched on each taken bit mispredicted on real scores), then the ties
-    // beyond the k-th dropped from the end: the lowest indices among equal values are kept.
+    // value (in the decode step, a pass that branched on each taken bit took more than twice
+    // as long), then the ties beyond the k-th dropped from the end: the lowest indices among
+    // equal values are kept.
     let mut out = Vec::with_capacity(k + 8);
     crate::simd::indices_at_least(values, threshold, &mut out);
     if out.len() > k {
