@@ -175,6 +175,12 @@ pub(crate) fn best_first_key(score: f32, id: u32) -> u64 {
     (order_key(score) as u64) << 32 | (u32::MAX - id) as u64
 }
 
+/// The order of [`best_first_key`]s, best first.
+#[inline]
+pub(crate) fn best_first(a: &u64, b: &u64) -> std::cmp::Ordering {
+    b.cmp(a)
+}
+
 /// The score and id of a [`best_first_key`].
 #[inline]
 pub(crate) fn from_best_first_key(key: u64) -> (f32, u32) {

@@ -23,7 +23,7 @@ use strata_storage::segment::{ListLocation, SegmentFile};
 
 use crate::codes::{CodeQuery, ScalarQuantizer, CODE_BLOCK, RESIDUAL_CODE_BITS};
 use crate::linalg::{
-    best_first_key, dot_f16_bytes, f16_bytes_to_f32, from_best_first_key, top_k_indices,
+    best_first, best_first_key, dot_f16_bytes, f16_bytes_to_f32, from_best_first_key, top_k_indices,
 };
 use crate::manifest::{f32s, u16s, u32s, ArchivedHeadManifest, ArchivedManifest, MappedManifest};
 use crate::manifest::{LIST_HEADER_BYTES, LIST_MAGIC};
@@ -181,7 +181,9 @@ struct Planned<'a> {
     stats: SearchStats,
     /// Groups of a hierarchical head that were not expanded, with their centroid scores.
     unexpanded: Vec<(u32, f32)>,
-    lscores: Vec<(f32, u32)>,
+    /// The candidate lists as `best_first_key`s of (routing score, list id); the first
+    /// `probed_lists` in best-first order.
+    lkeys: Vec<u64>,
     probed_lists: usize,
     sq: ScalarQuantizer,
     cq: CodeQuery,
@@ -725,7 +727,7 @@ impl Index {
             let mut keys: Vec<u64> = (0..gscores.len() as u32)
                 .map(|g| best_first_key(gscores[g as usize], g))
                 .collect();
-            keys.sort_unstable_by(|a, b| b.cmp(a));
+            keys.sort_unstable_by(best_first);
             let order: Vec<u32> = keys.iter().map(|&k| from_best_first_key(k).1).collect();
             let target = 2.0 * params.probe_fraction as f64 * visible as f64;
             let mut out = Vec::new();
@@ -761,7 +763,6 @@ impl Index {
         // Only the lists about to be probed need an order: sort a prefix (a quarter more lists
         // than the probe target needs at the mean list size), more only if probing gets that
         // far. The remainder estimate reads the rest in any order.
-        let best_first = |a: &u64, b: &u64| b.cmp(a);
         let mean_list = (tokens as f64 / n_lists.max(1) as f64).max(1.0);
         let head_lists =
             (1.25 * params.probe_fraction as f64 * visible as f64 / mean_list).ceil() as usize + 16;
@@ -852,7 +853,6 @@ impl Index {
             }
         }
         stats.code_bytes = stats.codes_scored * sq.code_bytes() as u64;
-        let lscores: Vec<(f32, u32)> = lkeys.iter().map(|&k| from_best_first_key(k)).collect();
         stats.phases.codes_ns = lap(&mut mark);
         let keep = ((params.rerank_factor as f64) * budget as f64).ceil() as usize;
         let best = top_k_indices(&cand_scores, keep);
@@ -875,7 +875,7 @@ impl Index {
             scale,
             stats,
             unexpanded,
-            lscores,
+            lkeys,
             probed_lists,
             sq,
             cq,
@@ -910,7 +910,7 @@ impl Index {
             scale,
             mut stats,
             unexpanded,
-            lscores,
+            lkeys,
             probed_lists,
             sq,
             cq,
@@ -974,7 +974,6 @@ impl Index {
                 .enumerate()
                 .map(|(i, &c)| best_first_key(cand_scores[c as usize], i as u32))
                 .collect();
-            let best_first = |a: &u64, b: &u64| b.cmp(a);
             if end < ranked.len() {
                 ranked.select_nth_unstable_by(end, best_first);
             }
@@ -1013,7 +1012,7 @@ impl Index {
                 ),
             });
         }
-        stats.keys_scored = trusted.iter().filter(|&&t| !t).count() as u64;
+        stats.keys_scored = read_keys.len() as u64;
         stats.key_bytes = stats.keys_scored * dim as u64 * 2;
         // The best `budget` exactly scored tokens; best first only where the adaptive budget
         // walks them in that order.
@@ -1063,7 +1062,7 @@ impl Index {
             est.add_not_scored_exactly(
                 &ctx,
                 &sq,
-                &lscores,
+                &lkeys,
                 probed_lists,
                 &unexpanded,
                 (&cand_lists, &cand_scores, &cand_runs),
@@ -1567,7 +1566,7 @@ impl RemainderEstimator {
         &mut self,
         ctx: &EstimateContext<'_>,
         sq: &ScalarQuantizer,
-        lscores: &[(f32, u32)],
+        lkeys: &[u64],
         probed_lists: usize,
         unexpanded: &[(u32, f32)],
         (cand_lists, cand_scores, cand_runs): (&[u32], &[f32], &[u32]),
@@ -1644,8 +1643,11 @@ impl RemainderEstimator {
                 }
             }
             for (l, n) in counts {
-                // Probed lists are the first `probed_lists` of `lscores`; find the score.
-                if let Some(&(c, _)) = lscores[..probed_lists].iter().find(|x| x.1 == l) {
+                // Probed lists are the first `probed_lists` of `lkeys`; find the score.
+                let mut probed = lkeys[..probed_lists]
+                    .iter()
+                    .map(|&k| from_best_first_key(k));
+                if let Some((c, _)) = probed.find(|x| x.1 == l) {
                     let corr = ctx.variance_correction(l as usize, q_norm_sq, stats);
                     self.add_logit(l, s * c + corr, n as f32);
                 }
@@ -1658,7 +1660,10 @@ impl RemainderEstimator {
                 me.add_logit(l, s * c + corr, n as f32);
             }
         };
-        for &(c, l) in &lscores[probed_lists..] {
+        for (c, l) in lkeys[probed_lists..]
+            .iter()
+            .map(|&k| from_best_first_key(k))
+        {
             add_list(self, l, c, stats);
         }
         // An unexpanded group lying wholly between the sinks and the window is one term (id
