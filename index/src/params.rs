@@ -111,6 +111,10 @@ pub struct SearchParams {
     /// Fraction of visible keys whose codes are scored: the lists with the best routing scores
     /// (centroid codes) are taken until their members reach this fraction.
     pub probe_fraction: f32,
+    /// On a head with a second level (`hierarchy_threshold`), groups are expanded best first
+    /// until their lists hold this many times the probe target: a group's score is a coarse
+    /// proxy for its lists', so good lists sit in groups ranked below the probe's share.
+    pub group_expand_factor: f32,
     /// Candidates kept from code scoring, as a multiple of the attended budget; their lists are
     /// read and they are re-ranked with exact scores (but see `code_trusted_fraction`).
     pub rerank_factor: f32,
@@ -156,6 +160,7 @@ impl Default for SearchParams {
             // Defaults meet issue #3's targets within 5% of the K+V bytes on six real dumps,
             // four of which chose them (docs/BENCHMARKS.md, seventh session).
             probe_fraction: 0.28,
+            group_expand_factor: 2.0,
             rerank_factor: 1.15,
             code_trusted_fraction: 0.6,
             code_trusted_from: 0.2,
@@ -181,6 +186,12 @@ impl SearchParams {
             return Err(IndexError::Param {
                 name: "probe_fraction",
                 problem: format!("{} is outside (0, 1]", self.probe_fraction),
+            });
+        }
+        if !(self.group_expand_factor.is_finite() && self.group_expand_factor >= 1.0) {
+            return Err(IndexError::Param {
+                name: "group_expand_factor",
+                problem: format!("{} must be >= 1", self.group_expand_factor),
             });
         }
         if !(self.rerank_factor.is_finite() && self.rerank_factor >= 1.0) {
@@ -407,5 +418,32 @@ mod tests {
                 .to_string();
             assert!(e.contains(expect), "{item}: {e}");
         }
+    }
+
+    #[test]
+    fn a_group_expansion_below_one_is_refused() {
+        for bad in [0.5f32, f32::NAN, f32::INFINITY] {
+            let p = SearchParams {
+                group_expand_factor: bad,
+                ..Default::default()
+            };
+            let e = p.validate().unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    IndexError::Param {
+                        name: "group_expand_factor",
+                        ..
+                    }
+                ),
+                "{bad}: {e}"
+            );
+        }
+        assert!(SearchParams {
+            group_expand_factor: 1.0,
+            ..Default::default()
+        }
+        .validate()
+        .is_ok());
     }
 }

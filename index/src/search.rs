@@ -715,7 +715,8 @@ impl Index {
         let candidate_lists: Vec<u32> = if head.group_centroid_codes.is_empty() {
             (0..n_lists as u32).collect()
         } else {
-            // Second level: expand the best groups until they hold twice the probe target.
+            // Second level: expand the best groups until they hold `group_expand_factor`
+            // times the probe target.
             let gc = head.group_centroid_codes.as_slice();
             let gstart = u32s(&head.group_start);
             let glists = u32s(&head.group_lists);
@@ -729,7 +730,8 @@ impl Index {
                 .collect();
             keys.sort_unstable_by(best_first);
             let order: Vec<u32> = keys.iter().map(|&k| from_best_first_key(k).1).collect();
-            let target = 2.0 * params.probe_fraction as f64 * visible as f64;
+            let target =
+                params.group_expand_factor as f64 * params.probe_fraction as f64 * visible as f64;
             let mut out = Vec::new();
             let mut covered = 0usize;
             let mut expanded = 0;

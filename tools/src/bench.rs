@@ -403,6 +403,11 @@ struct ContextResult {
     oracle_output_error_mean: Option<f64>,
     fold: Option<FoldResult>,
     disk_probe: DiskProbe,
+    ram_probe: RamProbe,
+    /// The warm step's search bytes at the RAM probe's rate: what reading them alone takes if
+    /// every byte comes from DRAM (a group's query heads share many lists, so some come from
+    /// the caches instead).
+    warm_read_us_at_ram_probe: f64,
     peak_rss_bytes: u64,
     source_arrays_bytes: u64,
 }
@@ -435,6 +440,25 @@ struct DiskProbe {
     batch_us: f64,
     mb_per_s: f64,
 }
+
+/// Scattered reads the size of an f16 key or value row, from arrays far larger than the CPU
+/// caches, on every core with a prefetch running ahead: the rate at which a warm step's reads
+/// can at best arrive from DRAM (see `probe_ram`).
+#[derive(Serialize, Clone)]
+struct RamProbe {
+    row_bytes: usize,
+    /// Bytes each timed pass reads: a warm step's search bytes.
+    pass_bytes: u64,
+    pass_us_p50: f64,
+    gb_per_s: f64,
+}
+
+/// Timed passes of the RAM probe (the median is kept).
+const RAM_PROBE_PASSES: usize = 7;
+
+/// Rows the RAM probe's prefetch runs ahead (16 and 32 read alike on this machine; 0 read
+/// about a fifth slower).
+const RAM_PROBE_PREFETCH_ROWS: usize = 16;
 
 fn percentile(v: &[f64], p: f64) -> f64 {
     if v.is_empty() {
@@ -605,10 +629,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "", w.search_us_per_head, ph.centroids, ph.codes, ph.select, ph.rerank, ph.estimate, ph.gather, w.io_us_per_head
         );
         println!(
-            "{:>8}   warm searches read {:.1} MB per step ({:.2} GB/s at the warm p50)",
+            "{:>8}   warm searches read {:.1} MB per step ({:.2} GB/s at the warm p50); scattered {}-byte rows read at {:.1} GB/s here, so these bytes take {:.0} us if all come from DRAM",
             "",
             w.search_bytes_per_step / 1e6,
-            w.search_bytes_per_step / w.step_us_p50 / 1e3
+            w.search_bytes_per_step / w.step_us_p50 / 1e3,
+            r.ram_probe.row_bytes,
+            r.ram_probe.gb_per_s,
+            r.warm_read_us_at_ram_probe
         );
         for t in &r.tier_limited {
             println!(
@@ -854,6 +881,13 @@ fn run_context(
     let warm_phase = phase(&warm, cache.hits as f64 / lookups, 0.0);
     let cold_phase = phase(&cold, 0.0, 0.0);
     let disk_probe = probe_disk(&info.dir.join("index"))?;
+    let source_arrays: Vec<&[f32]> = layers
+        .iter()
+        .flat_map(|l| l.keys.iter().chain(&l.values))
+        .map(|a| a.as_slice())
+        .collect();
+    let ram_probe = probe_ram(&source_arrays, warm_phase.search_bytes_per_step as u64);
+    let warm_read_us_at_ram_probe = warm_phase.search_bytes_per_step / ram_probe.gb_per_s / 1e3;
     let resident = engine.info(id)?.resident_bytes;
 
     // Prefetch: a RAM tier smaller than the index, so steps keep needing lists from the SSD;
@@ -966,7 +1000,10 @@ fn run_context(
         output_error_vs_exact_mean: mean(&errors),
         oracle_output_error_mean: mean(&oracle_errors),
         fold,
+
         disk_probe,
+        ram_probe,
+        warm_read_us_at_ram_probe,
         peak_rss_bytes: peak_rss(),
         source_arrays_bytes: source_bytes
             + halves
@@ -1110,6 +1147,51 @@ fn probe_disk(index_dir: &Path) -> Result<DiskProbe> {
         batch_us: us,
         mb_per_s: bytes as f64 / us,
     })
+}
+
+/// Reads `pass_bytes` in rows of `DIM` f16 (256 bytes) at random places of `arrays` (the
+/// source K/V: hundreds of MB, far beyond the CPU caches), on every core, with a prefetch
+/// `RAM_PROBE_PREFETCH_ROWS` ahead as the search does; one byte of each cache line is enough
+/// to bring the line in.
+fn probe_ram(arrays: &[&[f32]], pass_bytes: u64) -> RamProbe {
+    let row_bytes = DIM * std::mem::size_of::<half::f16>();
+    let rows_in = |a: &[f32]| std::mem::size_of_val(a) / row_bytes;
+    let rows = (pass_bytes as usize / row_bytes).max(1);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
+    let mut times = Vec::with_capacity(RAM_PROBE_PASSES);
+    for _ in 0..RAM_PROBE_PASSES {
+        let picks: Vec<&[u8]> = (0..rows)
+            .map(|_| {
+                let a = arrays[rng.random_range(0..arrays.len())];
+                let r = rng.random_range(0..rows_in(a));
+                &bytemuck::cast_slice::<f32, u8>(a)[r * row_bytes..(r + 1) * row_bytes]
+            })
+            .collect();
+        let t = Instant::now();
+        let touched: u64 = picks
+            .par_chunks(rows.div_ceil(64))
+            .map(|chunk| {
+                let mut sum = 0u64;
+                for (i, row) in chunk.iter().enumerate() {
+                    if let Some(ahead) = chunk.get(i + RAM_PROBE_PREFETCH_ROWS) {
+                        strata_index::simd::prefetch(ahead);
+                    }
+                    sum += row.iter().step_by(64).map(|&b| b as u64).sum::<u64>();
+                }
+                sum
+            })
+            .sum();
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+        std::hint::black_box(touched);
+    }
+    let us = percentile(&times, 0.5);
+    let read = (rows * row_bytes) as u64;
+    RamProbe {
+        row_bytes,
+        pass_bytes: read,
+        pass_us_p50: us,
+        gb_per_s: read as f64 / us / 1e3,
+    }
 }
 
 #[cfg(test)]
