@@ -948,12 +948,12 @@ impl Index {
             }
             let (list, bi) = (&views[run_list.1], run_list.1);
             // A candidate's row is its rank among its list's primary members, which the list
-            // stores first and in the manifest's order.
+            // stores first and in the manifest's order (`parse_views` checked every one).
             let r = cand_rows[ci as usize] as usize;
-            if r >= list.len() || list.id(r) != t {
+            if r >= list.len() {
                 return Err(IndexError::Open {
                     path: self.dir.clone(),
-                    problem: format!("list {l} lacks its member {t} at row {r}"),
+                    problem: format!("list {l} has no row {r} for its member {t}"),
                 });
             }
             ex_cand.push(ci);
@@ -1153,6 +1153,8 @@ impl Index {
         ids: &[u32],
     ) -> IndexResult<Vec<ListView<'b>>> {
         let dim = head.dim.to_native() as usize;
+        let primary_start = u32s(&head.primary_start);
+        let primary_tokens = u32s(&head.primary_tokens);
         bufs.iter()
             .zip(ids)
             .enumerate()
@@ -1163,12 +1165,18 @@ impl Index {
                     // The header and the first 32 ids.
                     crate::simd::prefetch(&ahead[..ahead.len().min(LIST_HEADER_BYTES + 128)]);
                 }
-                parse_list(buf, l, dim).map_err(|problem| IndexError::Open {
-                    path: self.segments[head.segment.to_native() as usize]
-                        .path()
-                        .to_path_buf(),
-                    problem: format!("list {l}: {problem}"),
-                })
+                let members = primary_start
+                    .get(l as usize..l as usize + 2)
+                    .map(|w| &primary_tokens[w[0] as usize..w[1] as usize])
+                    .unwrap_or(&[]);
+                parse_list(buf, l, dim)
+                    .and_then(|view| check_primary_members(&view, members).map(|()| view))
+                    .map_err(|problem| IndexError::Open {
+                        path: self.segments[head.segment.to_native() as usize]
+                            .path()
+                            .to_path_buf(),
+                        problem: format!("list {l}: {problem}"),
+                    })
             })
             .collect()
     }
@@ -1852,6 +1860,26 @@ impl<'a> ListView<'a> {
     }
 }
 
+/// Checks that a list stores the manifest's primary `members` first and in that order: a
+/// search takes a candidate's row from the manifest, so a list that disagrees would give it
+/// another token's key and value. Checked once per list a group reads, not per candidate.
+fn check_primary_members(view: &ListView<'_>, members: &[u32]) -> Result<(), String> {
+    if view.len() < members.len() {
+        return Err(format!(
+            "{} members, fewer than the manifest's {} primary ones",
+            view.len(),
+            members.len()
+        ));
+    }
+    match members.iter().enumerate().find(|&(r, &t)| view.id(r) != t) {
+        Some((r, &t)) => Err(format!(
+            "row {r} holds token {}, the manifest says {t}",
+            view.id(r)
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Splits a posting list, checking its header against what the manifest says it is.
 pub fn parse_list(buf: &[u8], list_id: u32, dim: usize) -> Result<ListView<'_>, String> {
     if buf.len() < LIST_HEADER_BYTES {
@@ -2024,6 +2052,30 @@ fn is_permutation(xs: &[u32], n: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A list as `build` writes it: header, ids, then f16 keys and values (zeros here).
+    fn list_bytes(list_id: u32, ids: &[u32], dim: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for word in [LIST_MAGIC, list_id, ids.len() as u32, dim as u32] {
+            out.extend_from_slice(&word.to_le_bytes());
+        }
+        ids.iter().for_each(|t| out.extend_from_slice(&t.to_le_bytes()));
+        out.resize(out.len() + 2 * ids.len() * dim * 2, 0);
+        out
+    }
+
+    #[test]
+    fn a_list_must_hold_the_manifests_primary_members_first() {
+        // Primary members 3, 9, 12, then a replica (40).
+        let buf = list_bytes(7, &[3, 9, 12, 40], 4);
+        let view = parse_list(&buf, 7, 4).unwrap();
+        assert_eq!(check_primary_members(&view, &[3, 9, 12]), Ok(()));
+        assert_eq!(check_primary_members(&view, &[]), Ok(()));
+        let e = check_primary_members(&view, &[3, 10, 12]).unwrap_err();
+        assert!(e.contains("row 1 holds token 9, the manifest says 10"), "{e}");
+        let e = check_primary_members(&view, &[3, 9, 12, 40, 41]).unwrap_err();
+        assert!(e.contains("4 members, fewer than the manifest's 5"), "{e}");
+    }
 
     #[test]
     fn remainder_by_hand() {
