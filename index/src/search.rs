@@ -2059,7 +2059,8 @@ mod tests {
         for word in [LIST_MAGIC, list_id, ids.len() as u32, dim as u32] {
             out.extend_from_slice(&word.to_le_bytes());
         }
-        ids.iter().for_each(|t| out.extend_from_slice(&t.to_le_bytes()));
+        ids.iter()
+            .for_each(|t| out.extend_from_slice(&t.to_le_bytes()));
         out.resize(out.len() + 2 * ids.len() * dim * 2, 0);
         out
     }
@@ -2072,7 +2073,10 @@ mod tests {
         assert_eq!(check_primary_members(&view, &[3, 9, 12]), Ok(()));
         assert_eq!(check_primary_members(&view, &[]), Ok(()));
         let e = check_primary_members(&view, &[3, 10, 12]).unwrap_err();
-        assert!(e.contains("row 1 holds token 9, the manifest says 10"), "{e}");
+        assert!(
+            e.contains("row 1 holds token 9, the manifest says 10"),
+            "{e}"
+        );
         let e = check_primary_members(&view, &[3, 9, 12, 40, 41]).unwrap_err();
         assert!(e.contains("4 members, fewer than the manifest's 5"), "{e}");
     }

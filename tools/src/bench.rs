@@ -432,14 +432,22 @@ struct FoldResult {
     folds_installed: u64,
 }
 
-#[derive(Serialize, Clone, Default)]
+/// The disk under a cold step's reads (see `probe_disk`).
+#[derive(Serialize, Clone, Default, Debug)]
 struct DiskProbe {
     reader: String,
-    batch_reads: usize,
-    batch_bytes: u64,
-    batch_us: f64,
+    /// Reads per pass, their size (a cold step's mean read, rounded up to 4 KiB) and the
+    /// batches they are issued in (a step's group fetches).
+    reads: usize,
+    read_bytes: usize,
+    batches: usize,
+    /// Median time of a pass: the SSD part of a cold step, as this disk serves it now.
+    pass_us_p50: f64,
     mb_per_s: f64,
 }
+
+/// Timed passes of the disk probe (the median is kept).
+const DISK_PROBE_PASSES: usize = 3;
 
 /// Scattered reads the size of an f16 key or value row, from arrays far larger than the CPU
 /// caches, on every core with a prefetch running ahead: the rate at which a warm step's reads
@@ -636,6 +644,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
             r.ram_probe.row_bytes,
             r.ram_probe.gb_per_s,
             r.warm_read_us_at_ram_probe
+        );
+        let (c, d) = (&r.cold, &r.disk_probe);
+        println!(
+            "{:>8}   cold p50 {:.0} us: {:.1} MB in {:.0} reads per step; the disk probe read as many {} KiB reads in {} batches in {:.0} us ({:.0} MB/s), which with the warm p50 makes {:.0} us",
+            "",
+            c.step_us_p50,
+            c.ssd_bytes_per_step / 1e6,
+            c.ssd_reads_per_step,
+            d.read_bytes >> 10,
+            d.batches,
+            d.pass_us_p50,
+            d.mb_per_s,
+            d.pass_us_p50 + r.warm.step_us_p50
         );
         for t in &r.tier_limited {
             println!(
@@ -880,7 +901,12 @@ fn run_context(
     let lookups = (cache.hits + cache.misses).max(1) as f64;
     let warm_phase = phase(&warm, cache.hits as f64 / lookups, 0.0);
     let cold_phase = phase(&cold, 0.0, 0.0);
-    let disk_probe = probe_disk(&info.dir.join("index"))?;
+    let disk_probe = probe_disk(
+        &info.dir.join("index"),
+        cold_phase.ssd_reads_per_step.round() as usize,
+        cold_phase.ssd_bytes_per_step / cold_phase.ssd_reads_per_step.max(1.0),
+        KV_HEADS,
+    )?;
     let source_arrays: Vec<&[f32]> = layers
         .iter()
         .flat_map(|l| l.keys.iter().chain(&l.values))
@@ -1117,35 +1143,56 @@ fn exact_attention_per_query_head(
     })
 }
 
-/// One batch of list-sized O_DIRECT reads spread over a segment: what the disk gives a cold step.
-fn probe_disk(index_dir: &Path) -> Result<DiskProbe> {
+/// What the disk gives a cold step: as many reads as the step made, of its mean size (4 KiB
+/// aligned, as lists are padded), at random places of a segment, in one batch per group fetch
+/// (`batches`, one per KV head) issued from the rayon pool as the step's groups are. A batch of
+/// a few large sequential reads would overstate what a step's ~20 KiB lists get.
+fn probe_disk(
+    index_dir: &Path,
+    reads: usize,
+    mean_read_bytes: f64,
+    batches: usize,
+) -> Result<DiskProbe> {
     let seg = std::fs::read_dir(index_dir)?
         .flatten()
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|x| x == "seg"))
         .context("no segment file to probe")?;
-    strata_storage::reader::drop_page_cache(&seg);
     let reader = open_reader(&seg, ReaderPreference::Auto)?;
     let len = reader.file_len();
-    let chunk = 64 * 1024u64;
-    let n = (len / chunk).min(256) as usize;
-    let reqs: Vec<ReadRequest> = (0..n)
-        .map(|i| ReadRequest {
-            offset: (i as u64 * (len / n as u64)) / 4096 * 4096,
-            len: chunk as usize,
-        })
-        .filter(|r| r.offset + r.len as u64 <= len)
-        .collect();
-    let t = Instant::now();
-    let bufs = reader.read_batch(&reqs)?;
-    let us = t.elapsed().as_secs_f64() * 1e6;
-    let bytes: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+    const ALIGN: u64 = 4096;
+    let read_bytes =
+        ((mean_read_bytes.max(1.0) as u64).div_ceil(ALIGN) * ALIGN).min(len / ALIGN * ALIGN);
+    let (reads, batches) = (reads.max(1), batches.max(1));
+    if read_bytes == 0 {
+        bail!("segment {} is shorter than one read", seg.display());
+    }
+    let slots = (len - read_bytes) / ALIGN + 1;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
+    let mut times = Vec::with_capacity(DISK_PROBE_PASSES);
+    for _ in 0..DISK_PROBE_PASSES {
+        // O_DIRECT skips the page cache; a fallback reader would not.
+        strata_storage::reader::drop_page_cache(&seg);
+        let reqs: Vec<ReadRequest> = (0..reads)
+            .map(|_| ReadRequest {
+                offset: rng.random_range(0..slots) * ALIGN,
+                len: read_bytes as usize,
+            })
+            .collect();
+        let t = Instant::now();
+        reqs.par_chunks(reads.div_ceil(batches))
+            .map(|batch| reader.read_batch(batch).map(|_| ()))
+            .collect::<Result<Vec<()>, _>>()?;
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let us = percentile(&times, 0.5);
     Ok(DiskProbe {
         reader: reader.kind().to_string(),
-        batch_reads: reqs.len(),
-        batch_bytes: bytes,
-        batch_us: us,
-        mb_per_s: bytes as f64 / us,
+        reads,
+        read_bytes: read_bytes as usize,
+        batches,
+        pass_us_p50: us,
+        mb_per_s: (reads as u64 * read_bytes) as f64 / us,
     })
 }
 
@@ -1213,5 +1260,39 @@ mod tests {
             bench_probe(&search, &["probe_fraction=0.05".into()], 32768),
             0.05
         );
+    }
+
+    #[test]
+    fn the_ram_probe_reads_whole_rows_of_what_it_is_asked() {
+        let arrays = [vec![1f32; 1 << 16], vec![2f32; 1 << 15]];
+        let views: Vec<&[f32]> = arrays.iter().map(|a| a.as_slice()).collect();
+        let p = probe_ram(&views, 1_000_000);
+        assert_eq!(p.row_bytes, 256);
+        assert_eq!(p.pass_bytes, 1_000_000 / 256 * 256);
+        assert!(p.pass_us_p50 > 0.0 && p.gb_per_s.is_finite() && p.gb_per_s > 0.0);
+    }
+
+    #[test]
+    fn the_disk_probe_reads_a_steps_worth_in_aligned_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("layer-000.seg"), vec![7u8; 1 << 20]).unwrap();
+        let p = probe_disk(dir.path(), 10, 5000.0, 3).unwrap();
+        assert_eq!((p.reads, p.read_bytes, p.batches), (10, 8192, 3));
+        assert!(p.pass_us_p50 > 0.0 && p.mb_per_s > 0.0);
+        // A segment shorter than one aligned read is refused, by name.
+        std::fs::write(dir.path().join("layer-000.seg"), vec![7u8; 1000]).unwrap();
+        let e = probe_disk(dir.path(), 10, 5000.0, 3)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("layer-000.seg") && e.contains("shorter than one read"),
+            "{e}"
+        );
+        // No segment at all.
+        let empty = tempfile::tempdir().unwrap();
+        let e = probe_disk(empty.path(), 10, 5000.0, 3)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no segment file"), "{e}");
     }
 }
