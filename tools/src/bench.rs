@@ -647,7 +647,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
         let (c, d) = (&r.cold, &r.disk_probe);
         println!(
-            "{:>8}   cold p50 {:.0} us: {:.1} MB in {:.0} reads per step; the disk probe read as many {} KiB reads in {} batches in {:.0} us ({:.0} MB/s), which with the warm p50 makes {:.0} us",
+            "{:>8}   cold p50 {:.0} us: {:.1} MB in {:.0} reads per step; as many {} KiB reads in {} batches took the disk probe {:.0} us ({:.0} MB/s), {:.0} us with the warm p50 on top",
             "",
             c.step_us_p50,
             c.ssd_bytes_per_step / 1e6,
@@ -850,6 +850,17 @@ fn run_context(
     // Cold: the RAM tier is emptied before every step (segment reads are O_DIRECT, so the OS
     // page cache does not help either).
     let cold = run_steps(&engine, id, cold_steps, StepMode::Cold)?;
+    // The disk's speed drifts over minutes: it is probed right after the cold steps.
+    let (ssd_reads, ssd_bytes) = (
+        cold.iter().map(|t| t.ssd_reads as f64).sum::<f64>(),
+        cold.iter().map(|t| t.ssd_bytes as f64).sum::<f64>(),
+    );
+    let disk_probe = probe_disk(
+        &info.dir.join("index"),
+        (ssd_reads / cold.len().max(1) as f64).round() as usize,
+        ssd_bytes / ssd_reads.max(1.0),
+        KV_HEADS,
+    )?;
     // Warm: the whole index placed in the RAM tier (it fits the default tier), a few steps,
     // then measured steps. Prefetch has nothing to add here; it is measured below with a tier
     // smaller than the index.
@@ -901,12 +912,6 @@ fn run_context(
     let lookups = (cache.hits + cache.misses).max(1) as f64;
     let warm_phase = phase(&warm, cache.hits as f64 / lookups, 0.0);
     let cold_phase = phase(&cold, 0.0, 0.0);
-    let disk_probe = probe_disk(
-        &info.dir.join("index"),
-        cold_phase.ssd_reads_per_step.round() as usize,
-        cold_phase.ssd_bytes_per_step / cold_phase.ssd_reads_per_step.max(1.0),
-        KV_HEADS,
-    )?;
     let source_arrays: Vec<&[f32]> = layers
         .iter()
         .flat_map(|l| l.keys.iter().chain(&l.values))
@@ -1145,8 +1150,9 @@ fn exact_attention_per_query_head(
 
 /// What the disk gives a cold step: as many reads as the step made, of its mean size (4 KiB
 /// aligned, as lists are padded), at random places of a segment, in one batch per group fetch
-/// (`batches`, one per KV head) issued from the rayon pool as the step's groups are. A batch of
-/// a few large sequential reads would overstate what a step's ~20 KiB lists get.
+/// (`batches`, one per KV head, each within its own region of the file) issued from the rayon
+/// pool as the step's groups are. A batch of a few large sequential reads would overstate
+/// what a step's ~20 KiB lists get.
 fn probe_disk(
     index_dir: &Path,
     reads: usize,
@@ -1167,20 +1173,27 @@ fn probe_disk(
     if read_bytes == 0 {
         bail!("segment {} is shorter than one read", seg.display());
     }
-    let slots = (len - read_bytes) / ALIGN + 1;
+    // A segment holds its heads one after another, so a group fetch reads within one head's
+    // share of the file: batch `b` reads within the `b`-th of `batches` equal regions.
+    let per_batch = reads.div_ceil(batches);
+    let region = (len / batches as u64).max(read_bytes);
+    let slots = (region - read_bytes) / ALIGN + 1;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
     let mut times = Vec::with_capacity(DISK_PROBE_PASSES);
     for _ in 0..DISK_PROBE_PASSES {
         // O_DIRECT skips the page cache; a fallback reader would not.
         strata_storage::reader::drop_page_cache(&seg);
         let reqs: Vec<ReadRequest> = (0..reads)
-            .map(|_| ReadRequest {
-                offset: rng.random_range(0..slots) * ALIGN,
-                len: read_bytes as usize,
+            .map(|i| {
+                let start = ((i / per_batch) as u64 * region).min(len - region) / ALIGN * ALIGN;
+                ReadRequest {
+                    offset: start + rng.random_range(0..slots) * ALIGN,
+                    len: read_bytes as usize,
+                }
             })
             .collect();
         let t = Instant::now();
-        reqs.par_chunks(reads.div_ceil(batches))
+        reqs.par_chunks(per_batch)
             .map(|batch| reader.read_batch(batch).map(|_| ()))
             .collect::<Result<Vec<()>, _>>()?;
         times.push(t.elapsed().as_secs_f64() * 1e6);
