@@ -1031,7 +1031,6 @@ fn run_context(
         output_error_vs_exact_mean: mean(&errors),
         oracle_output_error_mean: mean(&oracle_errors),
         fold,
-
         disk_probe,
         ram_probe,
         warm_read_us_at_ram_probe,
