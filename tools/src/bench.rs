@@ -432,22 +432,22 @@ struct FoldResult {
     folds_installed: u64,
 }
 
-/// The disk under a cold step's reads (see `probe_disk`).
+/// The disk under a cold step's reads (see `DiskProber`).
 #[derive(Serialize, Clone, Default, Debug)]
 struct DiskProbe {
     reader: String,
-    /// Reads per pass, their size (a cold step's mean read, rounded up to 4 KiB) and the
-    /// batches they are issued in (a step's group fetches).
+    /// Passes timed: one after each cold step.
+    passes: usize,
+    /// Median reads per pass, their size (a cold step's mean read, rounded up to 4 KiB) and
+    /// the batches they are issued in (a step's group fetches).
     reads: usize,
     read_bytes: usize,
     batches: usize,
-    /// Median time of a pass: the SSD part of a cold step, as this disk serves it now.
+    /// Median time of a pass: the SSD part of a cold step, as this disk serves it then.
     pass_us_p50: f64,
+    /// All passes' bytes over all passes' time.
     mb_per_s: f64,
 }
-
-/// Timed passes of the disk probe (the median is kept).
-const DISK_PROBE_PASSES: usize = 3;
 
 /// Scattered reads the size of an f16 key or value row, from arrays far larger than the CPU
 /// caches, on every core with a prefetch running ahead: the rate at which a warm step's reads
@@ -647,7 +647,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
         let (c, d) = (&r.cold, &r.disk_probe);
         println!(
-            "{:>8}   cold p50 {:.0} us: {:.1} MB in {:.0} reads per step; as many {} KiB reads in {} batches took the disk probe {:.0} us ({:.0} MB/s), {:.0} us with the warm p50 on top",
+            "{:>8}   cold p50 {:.0} us: {:.1} MB in {:.0} reads per step; as many {} KiB reads in {} batches took the disk probe {:.0} us (median of {} passes, one after each cold step; {:.0} MB/s), {:.0} us with the warm p50 on top",
             "",
             c.step_us_p50,
             c.ssd_bytes_per_step / 1e6,
@@ -655,6 +655,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             d.read_bytes >> 10,
             d.batches,
             d.pass_us_p50,
+            d.passes,
             d.mb_per_s,
             d.pass_us_p50 + r.warm.step_us_p50
         );
@@ -849,18 +850,22 @@ fn run_context(
     engine.set_prefetch(false);
     // Cold: the RAM tier is emptied before every step (segment reads are O_DIRECT, so the OS
     // page cache does not help either).
-    let cold = run_steps(&engine, id, cold_steps, StepMode::Cold)?;
-    // The disk's speed drifts over minutes: it is probed right after the cold steps.
-    let (ssd_reads, ssd_bytes) = (
-        cold.iter().map(|t| t.ssd_reads as f64).sum::<f64>(),
-        cold.iter().map(|t| t.ssd_bytes as f64).sum::<f64>(),
-    );
-    let disk_probe = probe_disk(
-        &info.dir.join("index"),
-        (ssd_reads / cold.len().max(1) as f64).round() as usize,
-        ssd_bytes / ssd_reads.max(1.0),
-        KV_HEADS,
-    )?;
+    // The disk's speed drifts from minute to minute: each cold step is followed by a probe of
+    // the same reads, so that both medians come from the same stretch of time.
+    let mut prober = DiskProber::open(&info.dir.join("index"))?;
+    let mut cold = Vec::with_capacity(cold_steps * args.layers);
+    for _ in 0..cold_steps {
+        let t = run_steps(&engine, id, 1, StepMode::Cold)?;
+        let reads: u64 = t.iter().map(|x| x.ssd_reads).sum();
+        let bytes: u64 = t.iter().map(|x| x.ssd_bytes).sum();
+        prober.pass(
+            (reads as f64 / t.len().max(1) as f64).round() as usize,
+            bytes as f64 / reads.max(1) as f64,
+            KV_HEADS,
+        )?;
+        cold.extend(t);
+    }
+    let disk_probe = prober.summary();
     // Warm: the whole index placed in the RAM tier (it fits the default tier), a few steps,
     // then measured steps. Prefetch has nothing to add here; it is measured below with a tier
     // smaller than the index.
@@ -1147,42 +1152,60 @@ fn exact_attention_per_query_head(
     })
 }
 
-/// What the disk gives a cold step: as many reads as the step made, of its mean size (4 KiB
-/// aligned, as lists are padded), at random places of a segment, in one batch per group fetch
-/// (`batches`, one per KV head, each within its own region of the file) issued from the rayon
-/// pool as the step's groups are. A batch of a few large sequential reads would overstate
-/// what a step's ~20 KiB lists get.
-fn probe_disk(
-    index_dir: &Path,
+/// What the disk gives a cold step. Each pass reads as many reads as a step made, of its mean
+/// size (4 KiB aligned, as lists are padded), at random places of a segment, in one batch per
+/// group fetch (`batches`, one per KV head, each within its own region of the file and in file
+/// order) issued from the rayon pool as the step's groups are. A batch of a few large
+/// sequential reads would overstate what a step's ~20 KiB lists get.
+struct DiskProber {
+    seg: PathBuf,
+    reader: Box<dyn strata_storage::reader::ListReader>,
+    rng: rand_chacha::ChaCha8Rng,
+    passes: Vec<ProbePass>,
+}
+
+/// One pass of the disk probe.
+struct ProbePass {
     reads: usize,
-    mean_read_bytes: f64,
+    read_bytes: u64,
     batches: usize,
-) -> Result<DiskProbe> {
-    let seg = std::fs::read_dir(index_dir)?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "seg"))
-        .context("no segment file to probe")?;
-    let reader = open_reader(&seg, ReaderPreference::Auto)?;
-    let len = reader.file_len();
-    const ALIGN: u64 = 4096;
-    let read_bytes =
-        ((mean_read_bytes.max(1.0) as u64).div_ceil(ALIGN) * ALIGN).min(len / ALIGN * ALIGN);
-    let (reads, batches) = (reads.max(1), batches.max(1));
-    if read_bytes == 0 {
-        bail!("segment {} is shorter than one read", seg.display());
+    us: f64,
+}
+
+impl DiskProber {
+    fn open(index_dir: &Path) -> Result<DiskProber> {
+        let seg = std::fs::read_dir(index_dir)?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "seg"))
+            .context("no segment file to probe")?;
+        let reader = open_reader(&seg, ReaderPreference::Auto)?;
+        Ok(DiskProber {
+            seg,
+            reader,
+            rng: rand_chacha::ChaCha8Rng::seed_from_u64(17),
+            passes: Vec::new(),
+        })
     }
-    // A segment holds its heads one after another, so a group fetch reads within one head's
-    // share of the file: batch `b` reads within the `b`-th of `batches` equal regions.
-    let per_batch = reads.div_ceil(batches);
-    let region = (len / batches as u64).max(read_bytes);
-    let slots = (region - read_bytes) / ALIGN + 1;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
-    let mut times = Vec::with_capacity(DISK_PROBE_PASSES);
-    for _ in 0..DISK_PROBE_PASSES {
+
+    fn pass(&mut self, reads: usize, mean_read_bytes: f64, batches: usize) -> Result<()> {
+        const ALIGN: u64 = 4096;
+        let len = self.reader.file_len();
+        let read_bytes =
+            ((mean_read_bytes.max(1.0) as u64).div_ceil(ALIGN) * ALIGN).min(len / ALIGN * ALIGN);
+        let (reads, batches) = (reads.max(1), batches.max(1));
+        if read_bytes == 0 {
+            bail!("segment {} is shorter than one read", self.seg.display());
+        }
+        // A segment holds its heads one after another, so a group fetch reads within one
+        // head's share of the file: batch `b` reads within the `b`-th of `batches` regions.
+        let per_batch = reads.div_ceil(batches);
+        let region = (len / batches as u64).max(read_bytes);
+        let slots = (region - read_bytes) / ALIGN + 1;
         // O_DIRECT skips the page cache; a fallback reader would not.
-        strata_storage::reader::drop_page_cache(&seg);
-        let reqs: Vec<ReadRequest> = (0..reads)
+        strata_storage::reader::drop_page_cache(&self.seg);
+        let rng = &mut self.rng;
+        let mut reqs: Vec<ReadRequest> = (0..reads)
             .map(|i| {
                 let start = ((i / per_batch) as u64 * region).min(len - region) / ALIGN * ALIGN;
                 ReadRequest {
@@ -1191,21 +1214,44 @@ fn probe_disk(
                 }
             })
             .collect();
+        // A group fetch asks for its lists in id order, which is file order.
+        reqs.chunks_mut(per_batch)
+            .for_each(|batch| batch.sort_unstable_by_key(|r| r.offset));
         let t = Instant::now();
+        let reader = &self.reader;
         reqs.par_chunks(per_batch)
             .map(|batch| reader.read_batch(batch).map(|_| ()))
             .collect::<Result<Vec<()>, _>>()?;
-        times.push(t.elapsed().as_secs_f64() * 1e6);
+        let us = t.elapsed().as_secs_f64() * 1e6;
+        self.passes.push(ProbePass {
+            reads,
+            read_bytes,
+            batches,
+            us,
+        });
+        Ok(())
     }
-    let us = percentile(&times, 0.5);
-    Ok(DiskProbe {
-        reader: reader.kind().to_string(),
-        reads,
-        read_bytes: read_bytes as usize,
-        batches,
-        pass_us_p50: us,
-        mb_per_s: (reads as u64 * read_bytes) as f64 / us,
-    })
+
+    fn summary(&self) -> DiskProbe {
+        let p50 = |f: fn(&ProbePass) -> f64| {
+            percentile(&self.passes.iter().map(f).collect::<Vec<_>>(), 0.5)
+        };
+        let bytes: f64 = self
+            .passes
+            .iter()
+            .map(|p| p.reads as f64 * p.read_bytes as f64)
+            .sum();
+        let us: f64 = self.passes.iter().map(|p| p.us).sum();
+        DiskProbe {
+            reader: self.reader.kind().to_string(),
+            passes: self.passes.len(),
+            reads: p50(|p| p.reads as f64) as usize,
+            read_bytes: p50(|p| p.read_bytes as f64) as usize,
+            batches: p50(|p| p.batches as f64) as usize,
+            pass_us_p50: p50(|p| p.us),
+            mb_per_s: if us > 0.0 { bytes / us } else { 0.0 },
+        }
+    }
 }
 
 /// Reads `pass_bytes` in rows of `DIM` f16 (256 bytes) at random places of `arrays` (the
@@ -1288,23 +1334,27 @@ mod tests {
     fn the_disk_probe_reads_a_steps_worth_in_aligned_batches() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("layer-000.seg"), vec![7u8; 1 << 20]).unwrap();
-        let p = probe_disk(dir.path(), 10, 5000.0, 3).unwrap();
-        assert_eq!((p.reads, p.read_bytes, p.batches), (10, 8192, 3));
+        let mut prober = DiskProber::open(dir.path()).unwrap();
+        for reads in [10, 12, 14] {
+            prober.pass(reads, 5000.0, 3).unwrap();
+        }
+        let p = prober.summary();
+        assert_eq!(
+            (p.passes, p.reads, p.read_bytes, p.batches),
+            (3, 12, 8192, 3)
+        );
         assert!(p.pass_us_p50 > 0.0 && p.mb_per_s > 0.0);
         // A segment shorter than one aligned read is refused, by name.
         std::fs::write(dir.path().join("layer-000.seg"), vec![7u8; 1000]).unwrap();
-        let e = probe_disk(dir.path(), 10, 5000.0, 3)
-            .unwrap_err()
-            .to_string();
+        let mut short = DiskProber::open(dir.path()).unwrap();
+        let e = short.pass(10, 5000.0, 3).unwrap_err().to_string();
         assert!(
             e.contains("layer-000.seg") && e.contains("shorter than one read"),
             "{e}"
         );
         // No segment at all.
         let empty = tempfile::tempdir().unwrap();
-        let e = probe_disk(empty.path(), 10, 5000.0, 3)
-            .unwrap_err()
-            .to_string();
+        let e = DiskProber::open(empty.path()).err().unwrap().to_string();
         assert!(e.contains("no segment file"), "{e}");
     }
 }
