@@ -403,11 +403,10 @@ struct ContextResult {
     oracle_output_error_mean: Option<f64>,
     fold: Option<FoldResult>,
     disk_probe: DiskProbe,
+    /// Its passes read the warm step's search bytes: `pass_us_p50` is what reading them alone
+    /// takes if every byte comes from DRAM (a group's query heads share many lists, so some
+    /// come from the caches instead).
     ram_probe: RamProbe,
-    /// The warm step's search bytes at the RAM probe's rate: what reading them alone takes if
-    /// every byte comes from DRAM (a group's query heads share many lists, so some come from
-    /// the caches instead).
-    warm_read_us_at_ram_probe: f64,
     peak_rss_bytes: u64,
     source_arrays_bytes: u64,
 }
@@ -637,13 +636,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
             "", w.search_us_per_head, ph.centroids, ph.codes, ph.select, ph.rerank, ph.estimate, ph.gather, w.io_us_per_head
         );
         println!(
-            "{:>8}   warm searches read {:.1} MB per step ({:.2} GB/s at the warm p50); scattered {}-byte rows read at {:.1} GB/s here, so these bytes take {:.0} us if all come from DRAM",
+            "{:>8}   warm searches read {:.1} MB per step ({:.2} GB/s at the warm p50); the RAM probe read as many bytes in scattered {}-byte rows at {:.1} GB/s, in {:.0} us",
             "",
             w.search_bytes_per_step / 1e6,
             w.search_bytes_per_step / w.step_us_p50 / 1e3,
             r.ram_probe.row_bytes,
             r.ram_probe.gb_per_s,
-            r.warm_read_us_at_ram_probe
+            r.ram_probe.pass_us_p50
         );
         let (c, d) = (&r.cold, &r.disk_probe);
         println!(
@@ -923,7 +922,6 @@ fn run_context(
         .map(|a| a.as_slice())
         .collect();
     let ram_probe = probe_ram(&source_arrays, warm_phase.search_bytes_per_step as u64);
-    let warm_read_us_at_ram_probe = warm_phase.search_bytes_per_step / ram_probe.gb_per_s / 1e3;
     let resident = engine.info(id)?.resident_bytes;
 
     // Prefetch: a RAM tier smaller than the index, so steps keep needing lists from the SSD;
@@ -1038,7 +1036,6 @@ fn run_context(
         fold,
         disk_probe,
         ram_probe,
-        warm_read_us_at_ram_probe,
         peak_rss_bytes: peak_rss(),
         source_arrays_bytes: source_bytes
             + halves
