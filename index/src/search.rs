@@ -1153,8 +1153,6 @@ impl Index {
         ids: &[u32],
     ) -> IndexResult<Vec<ListView<'b>>> {
         let dim = head.dim.to_native() as usize;
-        let primary_start = u32s(&head.primary_start);
-        let primary_tokens = u32s(&head.primary_tokens);
         bufs.iter()
             .zip(ids)
             .enumerate()
@@ -1165,10 +1163,8 @@ impl Index {
                     // The header and the first 32 ids.
                     crate::simd::prefetch(&ahead[..ahead.len().min(LIST_HEADER_BYTES + 128)]);
                 }
-                let members = primary_start
-                    .get(l as usize..l as usize + 2)
-                    .map(|w| &primary_tokens[w[0] as usize..w[1] as usize])
-                    .unwrap_or(&[]);
+                // `fetch_lists` refused any id past the head's lists.
+                let members = primary_members(head, l as usize);
                 parse_list(buf, l, dim)
                     .and_then(|view| check_primary_members(&view, members).map(|()| view))
                     .map_err(|problem| IndexError::Open {
@@ -1304,8 +1300,7 @@ struct MemberRanges {
 
 impl EstimateContext<'_> {
     fn members(&self, l: usize) -> &[u32] {
-        let start = u32s(&self.head.primary_start);
-        &u32s(&self.head.primary_tokens)[start[l] as usize..start[l + 1] as usize]
+        primary_members(self.head, l)
     }
 
     /// The sink end and window start of this search's position.
@@ -1858,6 +1853,12 @@ impl<'a> ListView<'a> {
     pub fn value_bytes(&self, r: usize) -> &'a [u8] {
         &self.values[r * self.row_bytes..(r + 1) * self.row_bytes]
     }
+}
+
+/// List `l`'s primary members, as the manifest lists them (`check_head` checked the bounds).
+fn primary_members(head: &ArchivedHeadManifest, l: usize) -> &[u32] {
+    let start = u32s(&head.primary_start);
+    &u32s(&head.primary_tokens)[start[l] as usize..start[l + 1] as usize]
 }
 
 /// Checks that a list stores the manifest's primary `members` first and in that order: a
