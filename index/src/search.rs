@@ -196,6 +196,7 @@ struct Planned<'a> {
     cand_runs: Vec<u32>,
     /// The candidates to re-rank, as indices into the `cand_*` arrays, ascending.
     best: Vec<u32>,
+    /// The lists holding them, once each, in the order `best` meets them (probe order).
     need: Vec<u32>,
 }
 
@@ -501,11 +502,14 @@ impl Index {
         match self.plan(layer_slot, kv_head, q, position, params, static_lse)? {
             PlanOutcome::Done(r) => Ok(*r),
             PlanOutcome::Planned(mut p) => {
+                // Read in list order (segment order), whatever order the plan needs them in.
+                let sorted = lists_needed(std::iter::once(&*p));
                 let io_started = Instant::now();
-                let bufs = self.fetch_lists(p.head, &p.need, &mut p.stats)?;
+                let bufs = self.fetch_lists(p.head, &sorted, &mut p.stats)?;
                 p.stats.io_ns = io_started.elapsed().as_nanos() as u64;
-                let views = self.parse_views(p.head, &bufs, &p.need)?;
-                self.finish(*p, &views, Gather::Values)
+                let views = self.parse_views(p.head, &bufs, &sorted)?;
+                let mine = views_of(&p.need, &sorted, &views);
+                self.finish(*p, &mine, Gather::Values)
             }
         }
     }
@@ -577,11 +581,7 @@ impl Index {
         let finished = plans
             .into_par_iter()
             .map(|(i, p)| {
-                let mine: Vec<ListView<'_>> = p
-                    .need
-                    .iter()
-                    .map(|l| views[union.binary_search(l).unwrap_or(0)])
-                    .collect();
+                let mine = views_of(&p.need, &union, &views);
                 Ok((i, self.finish(*p, &mine, gather)?))
             })
             .collect::<IndexResult<Vec<_>>>()?;
@@ -858,10 +858,10 @@ impl Index {
         stats.phases.codes_ns = lap(&mut mark);
         let keep = ((params.rerank_factor as f64) * budget as f64).ceil() as usize;
         let best = top_k_indices(&cand_scores, keep);
-        // `best` is in candidate order, so each list's candidates are adjacent: dedup, then sort.
+        // `best` is in candidate order, so each list's candidates are adjacent and one dedup
+        // leaves every list once, in the order the re-rank meets them.
         let mut need: Vec<u32> = best.iter().map(|&i| cand_lists[i as usize]).collect();
         need.dedup();
-        need.sort_unstable();
 
         stats.phases.select_ns = lap(&mut mark);
         let plan_ns = started.elapsed().as_nanos() as u64;
@@ -936,14 +936,18 @@ impl Index {
         let mut ex_scores: Vec<f32> = Vec::with_capacity(best.len());
         let mut ex_cand: Vec<u32> = Vec::with_capacity(best.len());
         let mut ex_rows: Vec<(u32, u32)> = Vec::with_capacity(best.len());
-        let mut run_list = (u32::MAX, 0usize);
+        // `views[i]` holds `need[i]`, and `best` meets the lists in that order.
+        let mut run_list = (u32::MAX, usize::MAX);
         for &ci in &best {
             let (l, t) = (cand_lists[ci as usize], cand_tokens[ci as usize]);
             if run_list.0 != l {
-                let bi = need.binary_search(&l).map_err(|_| IndexError::Open {
-                    path: self.dir.clone(),
-                    problem: format!("list {l} holds a candidate but was not read"),
-                })?;
+                let bi = run_list.1.wrapping_add(1);
+                if need.get(bi) != Some(&l) || bi >= views.len() {
+                    return Err(IndexError::Open {
+                        path: self.dir.clone(),
+                        problem: format!("list {l} holds a candidate but was not read"),
+                    });
+                }
                 run_list = (l, bi);
             }
             let (list, bi) = (&views[run_list.1], run_list.1);
@@ -1263,6 +1267,13 @@ impl Index {
 /// sinks and the recent window (`edges`, from [`SearchParams::static_edges`]).
 fn lies_between_statics((first, last): (u32, u32), members: usize, edges: (usize, usize)) -> bool {
     members > 0 && first as usize >= edges.0 && (last as usize) < edges.1
+}
+
+/// The views of `need` (in its order), from `views` of the ascending `read`, which holds them.
+fn views_of<'a>(need: &[u32], read: &[u32], views: &[ListView<'a>]) -> Vec<ListView<'a>> {
+    need.iter()
+        .map(|l| views[read.binary_search(l).unwrap_or(0)])
+        .collect()
 }
 
 /// The lists any of `plans` needs, ascending and once each: what a group search reads.
