@@ -995,14 +995,19 @@ impl Index {
         // Trusted candidates keep their code scores; the others' key rows are read, with the
         // prefetch running ahead over those rows only (trusted ones need no key).
         ex_scores.extend(ex_cand.iter().map(|&c| cand_scores[c as usize]));
-        let read_keys: Vec<u32> = (0..ex_rows.len() as u32)
-            .filter(|&i| !trusted[i as usize])
-            .collect();
-        for (j, &i) in read_keys.iter().enumerate() {
-            if let Some(&ahead) = read_keys.get(j + PREFETCH_ROWS_AHEAD) {
-                crate::simd::prefetch(key_row(&ex_rows[ahead as usize]));
+        // A second walk over the rows to read runs `PREFETCH_ROWS_AHEAD` ahead of the scoring.
+        let read = |i: &usize| !trusted[*i];
+        let mut ahead = (0..ex_rows.len()).filter(read);
+        for i in ahead.by_ref().take(PREFETCH_ROWS_AHEAD) {
+            crate::simd::prefetch(key_row(&ex_rows[i]));
+        }
+        let mut keys_read = 0u64;
+        for i in (0..ex_rows.len()).filter(read) {
+            if let Some(a) = ahead.next() {
+                crate::simd::prefetch(key_row(&ex_rows[a]));
             }
-            ex_scores[i as usize] = dot_f16_bytes(key_row(&ex_rows[i as usize]), q);
+            ex_scores[i] = dot_f16_bytes(key_row(&ex_rows[i]), q);
+            keys_read += 1;
         }
         // A finite query can still be large enough for `q·k` to overflow: an infinite logit
         // would make the attention and the estimate meaningless.
@@ -1018,7 +1023,7 @@ impl Index {
                 ),
             });
         }
-        stats.keys_scored = read_keys.len() as u64;
+        stats.keys_scored = keys_read;
         stats.key_bytes = stats.keys_scored * dim as u64 * 2;
         // The best `budget` exactly scored tokens; best first only where the adaptive budget
         // walks them in that order.
