@@ -508,7 +508,7 @@ impl Index {
                 let bufs = self.fetch_lists(p.head, &sorted, &mut p.stats)?;
                 p.stats.io_ns = io_started.elapsed().as_nanos() as u64;
                 let views = self.parse_views(p.head, &bufs, &sorted)?;
-                let mine = views_of(&p.need, &sorted, &views);
+                let mine = self.views_of(&p.need, &sorted, &views)?;
                 self.finish(*p, &mine, Gather::Values)
             }
         }
@@ -581,7 +581,7 @@ impl Index {
         let finished = plans
             .into_par_iter()
             .map(|(i, p)| {
-                let mine = views_of(&p.need, &union, &views);
+                let mine = self.views_of(&p.need, &union, &views)?;
                 Ok((i, self.finish(*p, &mine, gather)?))
             })
             .collect::<IndexResult<Vec<_>>>()?;
@@ -1186,6 +1186,24 @@ impl Index {
             .collect()
     }
 
+    /// The views of `need` (in its order), from `views` of the ascending `read`.
+    fn views_of<'v>(
+        &self,
+        need: &[u32],
+        read: &[u32],
+        views: &[ListView<'v>],
+    ) -> IndexResult<Vec<ListView<'v>>> {
+        need.iter()
+            .map(|l| match read.binary_search(l) {
+                Ok(i) if i < views.len() => Ok(views[i]),
+                _ => Err(IndexError::Open {
+                    path: self.dir.clone(),
+                    problem: format!("list {l} was needed but not read"),
+                }),
+            })
+            .collect()
+    }
+
     /// The quantiser of a head's centroid codes.
     fn centroid_quantizer(&self, head: &ArchivedHeadManifest) -> ScalarQuantizer {
         ScalarQuantizer {
@@ -1272,13 +1290,6 @@ impl Index {
 /// sinks and the recent window (`edges`, from [`SearchParams::static_edges`]).
 fn lies_between_statics((first, last): (u32, u32), members: usize, edges: (usize, usize)) -> bool {
     members > 0 && first as usize >= edges.0 && (last as usize) < edges.1
-}
-
-/// The views of `need` (in its order), from `views` of the ascending `read`, which holds them.
-fn views_of<'a>(need: &[u32], read: &[u32], views: &[ListView<'a>]) -> Vec<ListView<'a>> {
-    need.iter()
-        .map(|l| views[read.binary_search(l).unwrap_or(0)])
-        .collect()
 }
 
 /// The lists any of `plans` needs, ascending and once each: what a group search reads.
