@@ -499,19 +499,20 @@ impl Index {
         params: &SearchParams,
         static_lse: Option<f32>,
     ) -> IndexResult<Retrieved> {
-        match self.plan(layer_slot, kv_head, q, position, params, static_lse)? {
-            PlanOutcome::Done(r) => Ok(*r),
-            PlanOutcome::Planned(mut p) => {
-                // Read in list order (segment order), whatever order the plan needs them in.
-                let sorted = lists_needed(std::iter::once(&*p));
-                let io_started = Instant::now();
-                let bufs = self.fetch_lists(p.head, &sorted, &mut p.stats)?;
-                p.stats.io_ns = io_started.elapsed().as_nanos() as u64;
-                let views = self.parse_views(p.head, &bufs, &sorted)?;
-                let mine = self.views_of(&p.need, &sorted, &views)?;
-                self.finish(*p, &mine, Gather::Values)
-            }
-        }
+        // A group of one: the same plan, read, check and re-rank.
+        let mut out = self.search_group(
+            layer_slot,
+            kv_head,
+            &[q],
+            position,
+            params,
+            static_lse.as_ref().map(std::slice::from_ref),
+            Gather::Values,
+        )?;
+        out.pop().ok_or_else(|| IndexError::Param {
+            name: "queries",
+            problem: "a search of one query returned no result".into(),
+        })
     }
 
     /// Searches the query heads of one KV head's group together (GQA): each query is planned
