@@ -649,6 +649,55 @@ fn prefetch_brings_in_exactly_what_the_group_search_then_reads() {
     ));
 }
 
+#[test]
+fn a_group_search_answers_each_query_as_its_own_search_does() {
+    // The group scores each probed list's codes once for every query that probes it; each
+    // query must still get exactly the candidates, and so the answer, of a search on its own.
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((dump, dir)) = fixture(tmp.path()) else {
+        return;
+    };
+    let index = open(&dir).unwrap();
+    let params = SearchParams::default();
+    let group = dump.meta.q_heads / dump.meta.kv_heads;
+    assert!(group > 1, "the fixture has GQA groups");
+    let n = dump.query_positions.len();
+    for kv in 0..dump.meta.kv_heads {
+        // The earliest position with a budget too, where the window cuts through more lists.
+        let first = (0..n)
+            .find(|&qi| params.budget_tokens(dump.query_positions[qi]) > 4)
+            .expect("a query position with a budget");
+        for qi in [first, n / 2, n - 1] {
+            let p = dump.query_positions[qi];
+            let qs: Vec<&[f32]> = (0..group)
+                .map(|h| dump.queries.row(0, kv * group + h, qi))
+                .collect();
+            let together = index
+                .search_group(
+                    0,
+                    kv,
+                    &qs,
+                    p,
+                    &params,
+                    None,
+                    strata_index::search::Gather::Values,
+                )
+                .unwrap();
+            assert_eq!(together.len(), group);
+            for (h, (q, t)) in qs.iter().zip(&together).enumerate() {
+                let alone = index.search(0, kv, q, p, &params).unwrap();
+                let at = format!("kv head {kv}, query head {h}, position {p}");
+                assert!(!alone.tokens.is_empty(), "{at}: nothing attended");
+                assert_eq!(t.tokens, alone.tokens, "{at}: tokens");
+                assert_eq!(t.scores, alone.scores, "{at}: scores");
+                assert_eq!(t.values, alone.values, "{at}: values");
+                assert_eq!(t.remainder, alone.remainder, "{at}: remainder");
+                assert_eq!(t.stats.codes_scored, alone.stats.codes_scored, "{at}");
+            }
+        }
+    }
+}
+
 /// Output error of one search's answer against exact attention over `0..=p`: of the exact part
 /// alone (static ∪ retrieved) and of the exact part merged with the remainder estimate.
 fn output_errors(

@@ -194,10 +194,42 @@ struct Planned<'a> {
     cand_rows: Vec<u32>,
     /// Where each probed list's run of candidates starts (candidates come list by list).
     cand_runs: Vec<u32>,
+    /// The probed lists in probe order, whose codes [`Index::score_codes`] scores into the
+    /// `cand_*` arrays.
+    probes: Vec<Probe>,
     /// The candidates to re-rank, as indices into the `cand_*` arrays, ascending.
     best: Vec<u32>,
     /// The lists holding them, once each, in the order `best` meets them (probe order).
     need: Vec<u32>,
+}
+
+/// One list a query probes: where its candidates go in the query's `cand_*` arrays, and the
+/// score its codes add (the list's centroid score, for residual codes).
+#[derive(Clone, Copy)]
+struct Probe {
+    list: u32,
+    first_cand: u32,
+    base: f32,
+    /// Every member lies between the sinks and the recent window (no per-member check).
+    all_open: bool,
+}
+
+/// Whether member `t` is a candidate for a query at `position`: visible and not static.
+fn is_open(t: u32, position: usize, params: &SearchParams) -> bool {
+    let tu = t as usize;
+    tu <= position && !params.is_static(tu, position)
+}
+
+/// The members of a list that may hold candidates: with sorted lists (`sorted`), those from the
+/// recent window's start on are all static or not yet visible, and their codes are not read.
+fn scanned_chunks(
+    members: &[u32],
+    sorted: bool,
+    window_start: usize,
+) -> impl Iterator<Item = &[u32]> {
+    members
+        .chunks(CODE_BLOCK)
+        .take_while(move |chunk| !(sorted && chunk[0] as usize >= window_start))
 }
 
 enum PlanOutcome<'a> {
@@ -537,17 +569,11 @@ impl Index {
                 problem: format!("{} for {} queries", s.len(), queries.len()),
             });
         }
-        // The queries are planned, and later finished, as separate rayon tasks: a caller that
-        // runs groups in parallel (the engine's step) then balances its threads by query, not
-        // by group (groups left one thread idle for about a tenth of a 128K step).
-        let planned = queries
-            .par_iter()
-            .enumerate()
-            .map(|(i, q)| {
-                let s = static_lses.and_then(|s| s.get(i).copied());
-                self.plan(layer_slot, kv_head, q, position, params, s)
-            })
-            .collect::<IndexResult<Vec<_>>>()?;
+        // The queries are finished as separate rayon tasks (and partly planned so): a caller
+        // that runs groups in parallel (the engine's step) then balances its threads by query,
+        // not by group (groups left one thread idle for about a tenth of a 128K step).
+        let planned =
+            self.plan_group(layer_slot, kv_head, queries, position, params, static_lses)?;
         let mut outs: Vec<Option<Retrieved>> = Vec::with_capacity(queries.len());
         let mut plans = Vec::new();
         for (i, outcome) in planned.into_iter().enumerate() {
@@ -627,14 +653,14 @@ impl Index {
         position: usize,
         params: &SearchParams,
     ) -> IndexResult<usize> {
-        let mut plans = Vec::with_capacity(queries.len());
-        for q in queries {
-            if let PlanOutcome::Planned(p) =
-                self.plan(layer_slot, kv_head, q, position, params, None)?
-            {
-                plans.push(p);
-            }
-        }
+        let plans: Vec<Box<Planned>> = self
+            .plan_group(layer_slot, kv_head, queries, position, params, None)?
+            .into_iter()
+            .filter_map(|o| match o {
+                PlanOutcome::Planned(p) => Some(p),
+                PlanOutcome::Done(_) => None,
+            })
+            .collect();
         let union = lists_needed(plans.iter().map(|p| &**p));
         if !union.is_empty() {
             let head = self.head(layer_slot, kv_head)?;
@@ -772,18 +798,15 @@ impl Index {
         let mut order = LazySort::new(&mut lkeys, head_lists, best_first);
 
         let mut mark = started;
-        stats.phases.centroids_ns = lap(&mut mark);
-        // 2. Code scoring of the probed lists' members.
+        // 2. The lists to probe, best first, until their open members reach the probe target.
+        // Their codes are scored for the whole GQA group at once (`score_codes`).
         let sq = ScalarQuantizer {
             bits: head.code_bits.to_native(),
             lo: f32s(&head.code_lo).to_vec(),
             step: f32s(&head.code_step).to_vec(),
         };
-        let block_bytes = sq.block_bytes();
         let cq = sq.query(q);
         let residual = sq.bits == RESIDUAL_CODE_BITS;
-        let codes = head.codes.as_slice();
-        let block_start = u32s(&head.code_block_start);
         let probe_target = (params.probe_fraction as f64 * visible as f64).ceil() as usize;
         let bounds = self
             .list_bounds
@@ -792,79 +815,38 @@ impl Index {
         let edges = params.static_edges(position);
         let mut probed = 0usize;
         let mut probed_lists = 0usize;
-        let mut cand_tokens: Vec<u32> = Vec::with_capacity(probe_target + 64);
-        let mut cand_lists: Vec<u32> = Vec::with_capacity(probe_target + 64);
-        let mut cand_scores: Vec<f32> = Vec::with_capacity(probe_target + 64);
-        let mut cand_rows: Vec<u32> = Vec::with_capacity(probe_target + 64);
-        let mut cand_runs: Vec<u32> = Vec::new();
-        let mut lane_scores = [0f32; CODE_BLOCK];
+        let mut probes: Vec<Probe> = Vec::with_capacity(head_lists);
+        let mut cand_runs: Vec<u32> = Vec::with_capacity(head_lists);
         while probed < probe_target && probed_lists < lkeys.len() {
             order.reach(&mut lkeys, probed_lists, best_first);
             let (centroid_score, l) = from_best_first_key(lkeys[probed_lists]);
-            let base = if residual { centroid_score } else { 0.0 };
             probed_lists += 1;
-            // The next list's codes and members lie elsewhere in the manifest: ask for them
-            // while this list is scored.
-            if let Some(&next) = lkeys[..order.sorted()].get(probed_lists) {
-                let n = from_best_first_key(next).1 as usize;
-                let blocks = block_start[n] as usize..block_start[n + 1] as usize;
-                crate::simd::prefetch(&codes[blocks.start * block_bytes..blocks.end * block_bytes]);
-                crate::simd::prefetch(bytemuck::cast_slice(
-                    &primary_tokens[primary_start[n] as usize..primary_start[n + 1] as usize],
-                ));
-            }
-            let run_start = cand_tokens.len();
             let members = &primary_tokens
                 [primary_start[l as usize] as usize..primary_start[l as usize + 1] as usize];
-            let first_block = block_start[l as usize] as usize;
             // A list whose members all lie between the sinks and the window (most of them, when
             // the head's lists are sorted) needs no per-member check.
             let all_open =
                 bounds.is_some_and(|b| lies_between_statics(b[l as usize], members.len(), edges));
-            for (b, chunk) in members.chunks(CODE_BLOCK).enumerate() {
-                // Sorted members from the recent window's start on are all static or not yet
-                // visible: their codes are not read.
-                if bounds.is_some() && chunk[0] as usize >= edges.1 {
-                    break;
-                }
-                let at = (first_block + b) * block_bytes;
-                cq.score_block(&codes[at..at + block_bytes], base, &mut lane_scores);
-                stats.codes_scored += chunk.len() as u64;
-                let row0 = (b * CODE_BLOCK) as u32;
-                if all_open {
-                    probed += chunk.len();
-                    cand_tokens.extend_from_slice(chunk);
-                    cand_lists.extend(std::iter::repeat_n(l, chunk.len()));
-                    cand_scores.extend_from_slice(&lane_scores[..chunk.len()]);
-                    cand_rows.extend(row0..row0 + chunk.len() as u32);
-                    continue;
-                }
-                for (lane, &t) in chunk.iter().enumerate() {
-                    let tu = t as usize;
-                    if tu > position || params.is_static(tu, position) {
-                        continue;
-                    }
-                    probed += 1;
-                    cand_tokens.push(t);
-                    cand_lists.push(l);
-                    cand_scores.push(lane_scores[lane]);
-                    cand_rows.push(row0 + lane as u32);
-                }
+            let open = if all_open {
+                members.len()
+            } else {
+                scanned_chunks(members, bounds.is_some(), edges.1)
+                    .flatten()
+                    .filter(|&&t| is_open(t, position, params))
+                    .count()
+            };
+            probes.push(Probe {
+                list: l,
+                first_cand: probed as u32,
+                base: if residual { centroid_score } else { 0.0 },
+                all_open,
+            });
+            if open > 0 {
+                cand_runs.push(probed as u32);
             }
-            if cand_tokens.len() > run_start {
-                cand_runs.push(run_start as u32);
-            }
+            probed += open;
         }
-        stats.code_bytes = stats.codes_scored * sq.code_bytes() as u64;
-        stats.phases.codes_ns = lap(&mut mark);
-        let keep = ((params.rerank_factor as f64) * budget as f64).ceil() as usize;
-        let best = top_k_indices(&cand_scores, keep);
-        // `best` is in candidate order, so each list's candidates are adjacent and one dedup
-        // leaves every list once, in the order the re-rank meets them.
-        let mut need: Vec<u32> = best.iter().map(|&i| cand_lists[i as usize]).collect();
-        need.dedup();
-
-        stats.phases.select_ns = lap(&mut mark);
+        stats.phases.centroids_ns = lap(&mut mark);
         let plan_ns = started.elapsed().as_nanos() as u64;
         Ok(PlanOutcome::Planned(Box::new(Planned {
             head,
@@ -882,14 +864,146 @@ impl Index {
             probed_lists,
             sq,
             cq,
-            cand_tokens,
-            cand_lists,
-            cand_scores,
-            cand_rows,
+            cand_tokens: vec![0; probed],
+            cand_lists: vec![0; probed],
+            cand_scores: vec![0.0; probed],
+            cand_rows: vec![0; probed],
             cand_runs,
-            best,
-            need,
+            probes,
+            best: Vec::new(),
+            need: Vec::new(),
         })))
+    }
+
+    /// Plans the queries of one KV head's group: each chooses its lists on its own (in
+    /// parallel), then one pass scores every probed list's codes for all the queries that
+    /// probe it, and each query picks its candidates.
+    fn plan_group<'a>(
+        &'a self,
+        layer_slot: usize,
+        kv_head: usize,
+        queries: &[&'a [f32]],
+        position: usize,
+        params: &'a SearchParams,
+        static_lses: Option<&[f32]>,
+    ) -> IndexResult<Vec<PlanOutcome<'a>>> {
+        // The queries choose their lists as separate rayon tasks: a caller that runs groups in
+        // parallel (the engine's step) then balances its threads by query, not by group.
+        let mut outcomes = queries
+            .par_iter()
+            .enumerate()
+            .map(|(i, q)| {
+                let s = static_lses.and_then(|s| s.get(i).copied());
+                self.plan(layer_slot, kv_head, q, position, params, s)
+            })
+            .collect::<IndexResult<Vec<_>>>()?;
+        let mut plans: Vec<&mut Planned<'a>> = outcomes
+            .iter_mut()
+            .filter_map(|o| match o {
+                PlanOutcome::Planned(p) => Some(&mut **p),
+                PlanOutcome::Done(_) => None,
+            })
+            .collect();
+        self.score_codes(&mut plans);
+        plans.par_iter_mut().for_each(|p| select_candidates(p));
+        Ok(outcomes)
+    }
+
+    /// Scores the probed lists' codes into each plan's `cand_*` arrays. The plans are one
+    /// group's (same head, position and parameters), whose queries probe many of the same lists
+    /// (about 2.8 queries of 4 per list on the 128K bench): each list's codes and members are
+    /// read once for all of them, in list order, which also walks the codes forward in memory.
+    fn score_codes(&self, plans: &mut [&mut Planned<'_>]) {
+        let Some(first) = plans.first() else {
+            return;
+        };
+        let started = Instant::now();
+        let (head, layer_slot, kv_head) = (first.head, first.layer_slot, first.kv_head);
+        let (position, params) = (first.position, first.params);
+        let block_bytes = first.sq.block_bytes();
+        let codes = head.codes.as_slice();
+        let block_start = u32s(&head.code_block_start);
+        let primary_start = u32s(&head.primary_start);
+        let primary_tokens = u32s(&head.primary_tokens);
+        let sorted = self
+            .list_bounds
+            .get(layer_slot * self.kv_heads() + kv_head)
+            .is_some_and(|b| b.is_some());
+        let window_start = params.static_edges(position).1;
+        // (list, plan, probe), ordered by list.
+        let mut work: Vec<(u32, u32, u32)> = plans
+            .iter()
+            .enumerate()
+            .flat_map(|(pi, p)| {
+                (0..p.probes.len()).map(move |k| (p.probes[k].list, pi as u32, k as u32))
+            })
+            .collect();
+        work.sort_unstable();
+        let members_of =
+            |l: usize| &primary_tokens[primary_start[l] as usize..primary_start[l + 1] as usize];
+        // The lists in the order they are scored, to look one ahead.
+        let mut lists: Vec<u32> = work.iter().map(|w| w.0).collect();
+        lists.dedup();
+        let mut lane_scores = [0f32; CODE_BLOCK];
+        let mut at_list = 0usize;
+        for (w, &(l, pi, k)) in work.iter().enumerate() {
+            // The next list's codes and members lie elsewhere in the manifest: ask for them
+            // while this one is scored (further ahead read alike on the 128K bench).
+            if w == 0 || work[w - 1].0 != l {
+                at_list += usize::from(w > 0);
+                if let Some(&n) = lists.get(at_list + 1) {
+                    let n = n as usize;
+                    let blocks = block_start[n] as usize..block_start[n + 1] as usize;
+                    crate::simd::prefetch(
+                        &codes[blocks.start * block_bytes..blocks.end * block_bytes],
+                    );
+                    crate::simd::prefetch(bytemuck::cast_slice(members_of(n)));
+                }
+            }
+            let (l, pi, k) = (l as usize, pi as usize, k as usize);
+            let plan = &mut *plans[pi];
+            let probe = plan.probes[k];
+            let members = members_of(l);
+            let first_block = block_start[l] as usize;
+            let mut c = probe.first_cand as usize;
+            for (b, chunk) in scanned_chunks(members, sorted, window_start).enumerate() {
+                let at = (first_block + b) * block_bytes;
+                plan.cq
+                    .score_block(&codes[at..at + block_bytes], probe.base, &mut lane_scores);
+                plan.stats.codes_scored += chunk.len() as u64;
+                let row0 = (b * CODE_BLOCK) as u32;
+                if probe.all_open {
+                    let n = chunk.len();
+                    plan.cand_tokens[c..c + n].copy_from_slice(chunk);
+                    plan.cand_lists[c..c + n].fill(l as u32);
+                    plan.cand_scores[c..c + n].copy_from_slice(&lane_scores[..n]);
+                    for (r, row) in plan.cand_rows[c..c + n].iter_mut().zip(row0..) {
+                        *r = row;
+                    }
+                    c += n;
+                    continue;
+                }
+                for (lane, &t) in chunk.iter().enumerate() {
+                    if !is_open(t, position, params) {
+                        continue;
+                    }
+                    plan.cand_tokens[c] = t;
+                    plan.cand_lists[c] = l as u32;
+                    plan.cand_scores[c] = lane_scores[lane];
+                    plan.cand_rows[c] = row0 + lane as u32;
+                    c += 1;
+                }
+            }
+        }
+        // The pass's time is shared out by the codes each query scored.
+        let ns = started.elapsed().as_nanos() as u64;
+        let scored: u64 = plans.iter().map(|p| p.stats.codes_scored).sum();
+        for p in plans.iter_mut() {
+            let share = ns * p.stats.codes_scored / scored.max(1);
+            p.stats.code_bytes = p.stats.codes_scored * p.sq.code_bytes() as u64;
+            p.stats.phases.codes_ns = share;
+            p.plan_ns += share;
+        }
     }
 
     /// Steps 3 and 4: exact re-ranking from the lists read (`views`, in the order of
@@ -922,6 +1036,7 @@ impl Index {
             cand_scores,
             cand_rows,
             cand_runs,
+            probes: _,
             best,
             need,
         } = plan;
@@ -1289,6 +1404,25 @@ impl Index {
 
 /// Whether a non-empty run of tokens with these first and last members lies wholly between the
 /// sinks and the recent window (`edges`, from [`SearchParams::static_edges`]).
+/// Step 2's end: the candidates to re-rank (the best codes) and the lists that hold them.
+fn select_candidates(plan: &mut Planned<'_>) {
+    let started = Instant::now();
+    let budget = plan.params.budget_tokens(plan.position);
+    let keep = ((plan.params.rerank_factor as f64) * budget as f64).ceil() as usize;
+    plan.best = top_k_indices(&plan.cand_scores, keep);
+    // `best` is in candidate order, so each list's candidates are adjacent and one dedup
+    // leaves every list once, in the order the re-rank meets them.
+    plan.need = plan
+        .best
+        .iter()
+        .map(|&i| plan.cand_lists[i as usize])
+        .collect();
+    plan.need.dedup();
+    let ns = started.elapsed().as_nanos() as u64;
+    plan.stats.phases.select_ns = ns;
+    plan.plan_ns += ns;
+}
+
 fn lies_between_statics((first, last): (u32, u32), members: usize, edges: (usize, usize)) -> bool {
     members > 0 && first as usize >= edges.0 && (last as usize) < edges.1
 }
@@ -1471,11 +1605,6 @@ impl LazySort {
             rest[..next - self.sorted].sort_unstable_by(&order);
             self.sorted = next;
         }
-    }
-
-    /// How many leading elements are in their place.
-    fn sorted(&self) -> usize {
-        self.sorted
     }
 }
 
