@@ -930,26 +930,32 @@ impl Index {
             .get(layer_slot * self.kv_heads() + kv_head)
             .is_some_and(|b| b.is_some());
         let window_start = params.static_edges(position).1;
-        // (list, plan, probe), ordered by list.
-        let mut work: Vec<(u32, u32, u32)> = plans
+        // Every probe as (list, its index in `owners`), one integer each, ordered by list.
+        let owners: Vec<(u32, u32)> = plans
             .iter()
             .enumerate()
-            .flat_map(|(pi, p)| {
-                (0..p.probes.len()).map(move |k| (p.probes[k].list, pi as u32, k as u32))
+            .flat_map(|(pi, p)| (0..p.probes.len() as u32).map(move |k| (pi as u32, k)))
+            .collect();
+        let mut work: Vec<u64> = owners
+            .iter()
+            .enumerate()
+            .map(|(i, &(pi, k))| {
+                ((plans[pi as usize].probes[k as usize].list as u64) << 32) | i as u64
             })
             .collect();
         work.sort_unstable();
         let members_of =
             |l: usize| &primary_tokens[primary_start[l] as usize..primary_start[l + 1] as usize];
         // The lists in the order they are scored, to look one ahead.
-        let mut lists: Vec<u32> = work.iter().map(|w| w.0).collect();
+        let mut lists: Vec<u32> = work.iter().map(|&x| (x >> 32) as u32).collect();
         lists.dedup();
         let mut lane_scores = [0f32; CODE_BLOCK];
         let mut at_list = 0usize;
-        for (w, &(l, pi, k)) in work.iter().enumerate() {
+        for (w, &item) in work.iter().enumerate() {
+            let l = (item >> 32) as usize;
             // The next list's codes and members lie elsewhere in the manifest: ask for them
             // while this one is scored (further ahead read alike on the 128K bench).
-            if w == 0 || work[w - 1].0 != l {
+            if w == 0 || (work[w - 1] >> 32) as usize != l {
                 at_list += usize::from(w > 0);
                 if let Some(&n) = lists.get(at_list + 1) {
                     let n = n as usize;
@@ -960,7 +966,8 @@ impl Index {
                     crate::simd::prefetch(bytemuck::cast_slice(members_of(n)));
                 }
             }
-            let (l, pi, k) = (l as usize, pi as usize, k as usize);
+            let (pi, k) = owners[item as u32 as usize];
+            let (pi, k) = (pi as usize, k as usize);
             let plan = &mut *plans[pi];
             let probe = plan.probes[k];
             let members = members_of(l);
