@@ -1641,16 +1641,17 @@ fn attend_rows<'r>(
     let mut weights: Vec<f32> = logits.map(|l| l - max).collect();
     crate::simd::exp_in_place(&mut weights);
     let mut out = vec![0f32; dim];
-    let mut row = vec![0f32; dim];
-    let mut denom = 0f32;
-    for (i, (&w, bytes)) in weights.iter().zip(&rows).enumerate() {
-        if let Some(ahead) = rows.get(i + PREFETCH_ROWS_AHEAD) {
-            crate::simd::prefetch(ahead);
-        }
-        denom += w;
-        crate::simd::f16_to_f32(bytes, &mut row);
-        for (o, x) in out.iter_mut().zip(&row) {
-            *o = w.mul_add(*x, *o);
+    let denom = crate::linalg::sum_of(&weights);
+    if !crate::simd::add_weighted_f16_rows(&weights, &rows, &mut out, PREFETCH_ROWS_AHEAD) {
+        let mut row = vec![0f32; dim];
+        for (i, (&w, bytes)) in weights.iter().zip(&rows).enumerate() {
+            if let Some(ahead) = rows.get(i + PREFETCH_ROWS_AHEAD) {
+                crate::simd::prefetch(ahead);
+            }
+            crate::simd::f16_to_f32(bytes, &mut row);
+            for (o, x) in out.iter_mut().zip(&row) {
+                *o = w.mul_add(*x, *o);
+            }
         }
     }
     let inv = 1.0 / denom;

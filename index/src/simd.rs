@@ -496,6 +496,78 @@ unsafe fn signed_and_order_keys(
     )
 }
 
+/// `out[d] += Σ_i weights[i] · rows[i][d]` over rows of `out.len()` little-endian f16 values,
+/// prefetching `ahead` rows ahead, with the sums held in AVX-512 registers across all rows (one
+/// pass, no row converted into a buffer): for 64, 128 or 256 dimensions on a CPU with AVX-512
+/// F. Returns false, having done nothing, anywhere else (or if a row is short), for the caller's
+/// portable loop.
+pub fn add_weighted_f16_rows(
+    weights: &[f32],
+    rows: &[&[u8]],
+    out: &mut [f32],
+    ahead: usize,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let dim = out.len();
+        if weights.len() != rows.len()
+            || rows.iter().any(|r| r.len() < 2 * dim)
+            || !is_x86_feature_detected!("avx512f")
+        {
+            return false;
+        }
+        // SAFETY: AVX-512 F was detected just above; every row holds at least `2 · dim` bytes
+        // and `out` exactly `dim` floats, `dim = 16 · R` in each arm.
+        unsafe {
+            match dim {
+                64 => weighted_rows_avx512::<4>(weights, rows, out, ahead),
+                128 => weighted_rows_avx512::<8>(weights, rows, out, ahead),
+                256 => weighted_rows_avx512::<16>(weights, rows, out, ahead),
+                _ => return false,
+            }
+        }
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (weights, rows, out, ahead);
+        false
+    }
+}
+
+/// # Safety
+/// The CPU must have AVX-512 F; `out` holds `16 · R` floats and every row at least `32 · R`
+/// bytes; `weights` and `rows` have the same length (checked by the caller).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn weighted_rows_avx512<const R: usize>(
+    weights: &[f32],
+    rows: &[&[u8]],
+    out: &mut [f32],
+    ahead: usize,
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: row loads read bytes [32r, 32r + 32) with r < R of rows at least 32·R long; the
+    // final loads and stores touch floats [16r, 16r + 16) of `out`, 16·R long. All unaligned.
+    unsafe {
+        let mut acc = [_mm512_setzero_ps(); R];
+        for (i, (&w, row)) in weights.iter().zip(rows).enumerate() {
+            if let Some(next) = rows.get(i + ahead) {
+                prefetch(next);
+            }
+            let wv = _mm512_set1_ps(w);
+            for (r, a) in acc.iter_mut().enumerate() {
+                let h = _mm256_loadu_si256(row.as_ptr().add(32 * r) as *const __m256i);
+                *a = _mm512_fmadd_ps(_mm512_cvtph_ps(h), wv, *a);
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            let o = out.as_mut_ptr().add(16 * r);
+            _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), *a));
+        }
+    }
+}
+
 /// Whether this CPU runs [`score_split3_block_vnni`]: AVX-512 with VNNI (`vpdpbusd`, four u8 ×
 /// i8 products summed per lane) and VBMI (`vpermb`, the byte transpose). Checked at run time,
 /// since the build targets x86-64-v3 (AVX2) and the kernel must not run elsewhere.
@@ -711,6 +783,53 @@ fn accelerated(_bytes: &[u8], _q: &[f32]) -> (f32, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weighted_f16_rows_match_the_plain_sums() {
+        for dim in [64usize, 128, 256, 96] {
+            let n = 37;
+            let rows: Vec<Vec<u8>> = (0..n)
+                .map(|i| {
+                    (0..dim)
+                        .flat_map(|d| {
+                            let x = ((i * 31 + d * 7) % 19) as f32 * 0.37 - 3.0;
+                            half::f16::from_f32(x).to_le_bytes()
+                        })
+                        .collect()
+                })
+                .collect();
+            let refs: Vec<&[u8]> = rows.iter().map(|r| r.as_slice()).collect();
+            let weights: Vec<f32> = (0..n).map(|i| 1.0 / (1.0 + i as f32)).collect();
+            let mut want = vec![0.5f32; dim];
+            for (w, r) in weights.iter().zip(&rows) {
+                for (d, o) in want.iter_mut().enumerate() {
+                    *o += w * half::f16::from_le_bytes([r[2 * d], r[2 * d + 1]]).to_f32();
+                }
+            }
+            let mut got = vec![0.5f32; dim];
+            if !add_weighted_f16_rows(&weights, &refs, &mut got, 8) {
+                assert!(
+                    dim == 96 || !is_x86_feature_detected!("avx512f"),
+                    "dim {dim}: no kernel on a CPU with AVX-512"
+                );
+                assert!(
+                    got.iter().all(|&o| o == 0.5),
+                    "dim {dim}: declined but wrote"
+                );
+                continue;
+            }
+            for (d, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-4 * w.abs().max(1.0),
+                    "dim {dim}, d {d}: {g} vs {w}"
+                );
+            }
+            // A short row is declined, not read past.
+            let mut short = refs.clone();
+            short[5] = &rows[5][..2 * dim - 2];
+            assert!(!add_weighted_f16_rows(&weights, &short, &mut got, 8));
+        }
+    }
 
     #[test]
     fn exp_matches_libm_within_a_few_ulp() {
