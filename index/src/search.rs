@@ -232,6 +232,15 @@ fn scanned_chunks(
         .take_while(move |chunk| !(sorted && chunk[0] as usize >= window_start))
 }
 
+/// Where a group's planning runs.
+#[derive(Clone, Copy)]
+enum Threads {
+    /// As tasks of the current rayon pool (a search).
+    Pool,
+    /// On the calling thread alone (the prefetcher).
+    Caller,
+}
+
 enum PlanOutcome<'a> {
     /// Nothing to read (no budget and no estimate): the answer is already known.
     Done(Box<Retrieved>),
@@ -572,8 +581,15 @@ impl Index {
         // The queries are finished as separate rayon tasks (and partly planned so): a caller
         // that runs groups in parallel (the engine's step) then balances its threads by query,
         // not by group (groups left one thread idle for about a tenth of a 128K step).
-        let planned =
-            self.plan_group(layer_slot, kv_head, queries, position, params, static_lses)?;
+        let planned = self.plan_group(
+            layer_slot,
+            kv_head,
+            queries,
+            position,
+            params,
+            static_lses,
+            Threads::Pool,
+        )?;
         let mut outs: Vec<Option<Retrieved>> = Vec::with_capacity(queries.len());
         let mut plans = Vec::new();
         for (i, outcome) in planned.into_iter().enumerate() {
@@ -654,7 +670,17 @@ impl Index {
         params: &SearchParams,
     ) -> IndexResult<usize> {
         let plans: Vec<Box<Planned>> = self
-            .plan_group(layer_slot, kv_head, queries, position, params, None)?
+            // On the caller's thread only: the prefetcher runs at idle priority, and its work
+            // must not take the step's threads.
+            .plan_group(
+                layer_slot,
+                kv_head,
+                queries,
+                position,
+                params,
+                None,
+                Threads::Caller,
+            )?
             .into_iter()
             .filter_map(|o| match o {
                 PlanOutcome::Planned(p) => Some(p),
@@ -878,6 +904,7 @@ impl Index {
     /// Plans the queries of one KV head's group: each chooses its lists on its own (in
     /// parallel), then one pass scores every probed list's codes for all the queries that
     /// probe it, and each query picks its candidates.
+    #[allow(clippy::too_many_arguments)]
     fn plan_group<'a>(
         &'a self,
         layer_slot: usize,
@@ -886,17 +913,27 @@ impl Index {
         position: usize,
         params: &'a SearchParams,
         static_lses: Option<&[f32]>,
+        threads: Threads,
     ) -> IndexResult<Vec<PlanOutcome<'a>>> {
-        // The queries choose their lists as separate rayon tasks: a caller that runs groups in
-        // parallel (the engine's step) then balances its threads by query, not by group.
-        let mut outcomes = queries
-            .par_iter()
-            .enumerate()
-            .map(|(i, q)| {
-                let s = static_lses.and_then(|s| s.get(i).copied());
-                self.plan(layer_slot, kv_head, q, position, params, s)
-            })
-            .collect::<IndexResult<Vec<_>>>()?;
+        let plan_one = |(i, q): (usize, &&'a [f32])| {
+            let s = static_lses.and_then(|s| s.get(i).copied());
+            self.plan(layer_slot, kv_head, q, position, params, s)
+        };
+        // With the pool, the queries choose their lists as separate rayon tasks: a caller that
+        // runs groups in parallel (the engine's step) then balances its threads by query, not
+        // by group.
+        let mut outcomes: Vec<PlanOutcome<'a>> = match threads {
+            Threads::Pool => queries
+                .par_iter()
+                .enumerate()
+                .map(plan_one)
+                .collect::<IndexResult<_>>(),
+            Threads::Caller => queries
+                .iter()
+                .enumerate()
+                .map(plan_one)
+                .collect::<IndexResult<_>>(),
+        }?;
         let mut plans: Vec<&mut Planned<'a>> = outcomes
             .iter_mut()
             .filter_map(|o| match o {
@@ -905,7 +942,10 @@ impl Index {
             })
             .collect();
         self.score_codes(&mut plans);
-        plans.par_iter_mut().for_each(|p| select_candidates(p));
+        match threads {
+            Threads::Pool => plans.par_iter_mut().for_each(|p| select_candidates(p)),
+            Threads::Caller => plans.iter_mut().for_each(|p| select_candidates(p)),
+        }
         Ok(outcomes)
     }
 
