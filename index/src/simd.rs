@@ -1,9 +1,10 @@
 //! The hand-written SIMD kernels of the hot paths: the inner product of an f16 key (as stored
 //! in a posting list) with an f32 query, eight halves at a time, without converting the key
 //! into a buffer first (re-ranking calls it for every candidate key); f16 → f32 conversion of
-//! rows (values attended, list mean values); the code block scans (4-bit codes two dimensions
-//! per `pmaddwd`, 3-bit residual codes with AVX2 or, where the CPU has it, AVX-512 VNNI); and
-//! the bit masks of `linalg::top_k_indices`.
+//! rows (values read out, list mean values); the weighted sum of attended value rows (AVX-512,
+//! where the CPU has it); the code block scans (4-bit codes two dimensions per `pmaddwd`, 3-bit
+//! residual codes with AVX2 or, where the CPU has it, AVX-512 VNNI); and the bit masks of
+//! `linalg::top_k_indices`.
 
 /// `Σ k_i · q_i` with `k` given as little-endian f16 bytes (`2 · q.len()` of them).
 #[inline]
