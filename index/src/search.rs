@@ -695,8 +695,9 @@ impl Index {
         Ok(union.len())
     }
 
-    /// Steps 1 and 2 of a search: validation, the lists to probe, code scoring, the candidates
-    /// and the lists that hold them.
+    /// Step 1 of a search and the start of step 2: validation, the lists to probe and where
+    /// their candidates will go. [`Index::plan_group`] then scores their codes and picks the
+    /// candidates.
     fn plan<'a>(
         &'a self,
         layer_slot: usize,
@@ -1449,8 +1450,6 @@ impl Index {
     }
 }
 
-/// Whether a non-empty run of tokens with these first and last members lies wholly between the
-/// sinks and the recent window (`edges`, from [`SearchParams::static_edges`]).
 /// Step 2's end: the candidates to re-rank (the best codes) and the lists that hold them.
 fn select_candidates(plan: &mut Planned<'_>) {
     let started = Instant::now();
@@ -1470,6 +1469,8 @@ fn select_candidates(plan: &mut Planned<'_>) {
     plan.plan_ns += ns;
 }
 
+/// Whether a non-empty run of tokens with these first and last members lies wholly between the
+/// sinks and the recent window (`edges`, from [`SearchParams::static_edges`]).
 fn lies_between_statics((first, last): (u32, u32), members: usize, edges: (usize, usize)) -> bool {
     members > 0 && first as usize >= edges.0 && (last as usize) < edges.1
 }
