@@ -762,7 +762,6 @@ impl Index {
         let ccq = csq.query(q);
         let n_lists = head.lists.len();
         let primary_start = u32s(&head.primary_start);
-        let primary_tokens = u32s(&head.primary_tokens);
         // Groups of a hierarchical head left unexpanded: their score stands in for their
         // lists' centroids in the remainder estimate.
         let mut unexpanded: Vec<(u32, f32)> = Vec::new();
@@ -848,8 +847,7 @@ impl Index {
             order.reach(&mut lkeys, probed_lists, best_first);
             let (centroid_score, l) = from_best_first_key(lkeys[probed_lists]);
             probed_lists += 1;
-            let members = &primary_tokens
-                [primary_start[l as usize] as usize..primary_start[l as usize + 1] as usize];
+            let members = primary_members(head, l as usize);
             // A list whose members all lie between the sinks and the window (most of them, when
             // the head's lists are sorted) needs no per-member check.
             let all_open =
@@ -964,8 +962,6 @@ impl Index {
         let block_bytes = first.sq.block_bytes();
         let codes = head.codes.as_slice();
         let block_start = u32s(&head.code_block_start);
-        let primary_start = u32s(&head.primary_start);
-        let primary_tokens = u32s(&head.primary_tokens);
         let sorted = self
             .list_bounds
             .get(layer_slot * self.kv_heads() + kv_head)
@@ -985,61 +981,54 @@ impl Index {
             })
             .collect();
         work.sort_unstable();
-        let members_of =
-            |l: usize| &primary_tokens[primary_start[l] as usize..primary_start[l + 1] as usize];
-        // The lists in the order they are scored, to look one ahead.
-        let mut lists: Vec<u32> = work.iter().map(|&x| (x >> 32) as u32).collect();
-        lists.dedup();
+        // The work runs list by list; each run asks for the next list's codes and members,
+        // which lie elsewhere in the manifest, while its own are scored (further ahead read
+        // alike on the 128K bench).
+        let runs: Vec<&[u64]> = work.chunk_by(|a, b| a >> 32 == b >> 32).collect();
         let mut lane_scores = [0f32; CODE_BLOCK];
-        let mut at_list = 0usize;
-        for (w, &item) in work.iter().enumerate() {
-            let l = (item >> 32) as usize;
-            // The next list's codes and members lie elsewhere in the manifest: ask for them
-            // while this one is scored (further ahead read alike on the 128K bench).
-            if w == 0 || (work[w - 1] >> 32) as usize != l {
-                at_list += usize::from(w > 0);
-                if let Some(&n) = lists.get(at_list + 1) {
-                    let n = n as usize;
-                    let blocks = block_start[n] as usize..block_start[n + 1] as usize;
-                    crate::simd::prefetch(
-                        &codes[blocks.start * block_bytes..blocks.end * block_bytes],
-                    );
-                    crate::simd::prefetch(bytemuck::cast_slice(members_of(n)));
-                }
+        for (j, run) in runs.iter().enumerate() {
+            let l = (run[0] >> 32) as usize;
+            if let Some(next) = runs.get(j + 1) {
+                let n = (next[0] >> 32) as usize;
+                let blocks = block_start[n] as usize..block_start[n + 1] as usize;
+                crate::simd::prefetch(&codes[blocks.start * block_bytes..blocks.end * block_bytes]);
+                crate::simd::prefetch(bytemuck::cast_slice(primary_members(head, n)));
             }
-            let (pi, k) = owners[item as u32 as usize];
-            let (pi, k) = (pi as usize, k as usize);
-            let plan = &mut *plans[pi];
-            let probe = plan.probes[k];
-            let members = members_of(l);
+            let members = primary_members(head, l);
             let first_block = block_start[l] as usize;
-            let mut c = probe.first_cand as usize;
-            for (b, chunk) in scanned_chunks(members, sorted, window_start).enumerate() {
-                let at = (first_block + b) * block_bytes;
-                plan.cq
-                    .score_block(&codes[at..at + block_bytes], probe.base, &mut lane_scores);
-                plan.stats.codes_scored += chunk.len() as u64;
-                let row0 = (b * CODE_BLOCK) as u32;
-                if probe.all_open {
-                    let n = chunk.len();
-                    plan.cand_tokens[c..c + n].copy_from_slice(chunk);
-                    plan.cand_lists[c..c + n].fill(l as u32);
-                    plan.cand_scores[c..c + n].copy_from_slice(&lane_scores[..n]);
-                    for (r, row) in plan.cand_rows[c..c + n].iter_mut().zip(row0..) {
-                        *r = row;
-                    }
-                    c += n;
-                    continue;
-                }
-                for (lane, &t) in chunk.iter().enumerate() {
-                    if !is_open(t, position, params) {
+            for &item in run.iter() {
+                let (pi, k) = owners[item as u32 as usize];
+                let (pi, k) = (pi as usize, k as usize);
+                let plan = &mut *plans[pi];
+                let probe = plan.probes[k];
+                let mut c = probe.first_cand as usize;
+                for (b, chunk) in scanned_chunks(members, sorted, window_start).enumerate() {
+                    let at = (first_block + b) * block_bytes;
+                    plan.cq
+                        .score_block(&codes[at..at + block_bytes], probe.base, &mut lane_scores);
+                    plan.stats.codes_scored += chunk.len() as u64;
+                    let row0 = (b * CODE_BLOCK) as u32;
+                    if probe.all_open {
+                        let n = chunk.len();
+                        plan.cand_tokens[c..c + n].copy_from_slice(chunk);
+                        plan.cand_lists[c..c + n].fill(l as u32);
+                        plan.cand_scores[c..c + n].copy_from_slice(&lane_scores[..n]);
+                        for (r, row) in plan.cand_rows[c..c + n].iter_mut().zip(row0..) {
+                            *r = row;
+                        }
+                        c += n;
                         continue;
                     }
-                    plan.cand_tokens[c] = t;
-                    plan.cand_lists[c] = l as u32;
-                    plan.cand_scores[c] = lane_scores[lane];
-                    plan.cand_rows[c] = row0 + lane as u32;
-                    c += 1;
+                    for (lane, &t) in chunk.iter().enumerate() {
+                        if !is_open(t, position, params) {
+                            continue;
+                        }
+                        plan.cand_tokens[c] = t;
+                        plan.cand_lists[c] = l as u32;
+                        plan.cand_scores[c] = lane_scores[lane];
+                        plan.cand_rows[c] = row0 + lane as u32;
+                        c += 1;
+                    }
                 }
             }
         }
