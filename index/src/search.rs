@@ -11,6 +11,7 @@
 //!
 //! Static tokens (sinks and the recent window) are never searched: the caller attends them.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -187,28 +188,26 @@ struct Planned<'a> {
     probed_lists: usize,
     sq: ScalarQuantizer,
     cq: CodeQuery,
-    cand_tokens: Vec<u32>,
-    cand_lists: Vec<u32>,
+    /// The code score of every scanned member of the probed lists, list by list in probe
+    /// order and each list's members in its order (a slot's offset in its list's run is its
+    /// row); -inf for a member that is no candidate (static or not yet visible). Nothing else
+    /// is kept per candidate: a candidate's list, row and token follow from its slot.
     cand_scores: Vec<f32>,
-    /// Row of each candidate in its list (its rank among the list's primary members).
-    cand_rows: Vec<u32>,
-    /// Where each probed list's run of candidates starts (candidates come list by list).
-    cand_runs: Vec<u32>,
-    /// The probed lists in probe order, whose codes [`Index::score_codes`] scores into the
-    /// `cand_*` arrays.
+    /// The probed lists in probe order, whose codes [`Index::score_codes`] scores into
+    /// `cand_scores`.
     probes: Vec<Probe>,
-    /// The candidates to re-rank, as indices into the `cand_*` arrays, ascending.
+    /// The candidates to re-rank, as slots of `cand_scores`, ascending.
     best: Vec<u32>,
     /// The lists holding them, once each, in the order `best` meets them (probe order).
     need: Vec<u32>,
 }
 
-/// One list a query probes: where its candidates go in the query's `cand_*` arrays, and the
-/// score its codes add (the list's centroid score, for residual codes).
+/// One list a query probes: where its members' slots start in the query's `cand_scores`, and
+/// the score its codes add (the list's centroid score, for residual codes).
 #[derive(Clone, Copy)]
 struct Probe {
     list: u32,
-    first_cand: u32,
+    first_slot: u32,
     base: f32,
     /// Every member lies between the sinks and the recent window (no per-member check).
     all_open: bool,
@@ -839,10 +838,11 @@ impl Index {
             .get(layer_slot * self.kv_heads() + kv_head)
             .and_then(|b| b.as_deref());
         let edges = params.static_edges(position);
+        // Open members probed (what the probe target counts) and slots (every member scanned).
         let mut probed = 0usize;
+        let mut slots = 0usize;
         let mut probed_lists = 0usize;
         let mut probes: Vec<Probe> = Vec::with_capacity(head_lists);
-        let mut cand_runs: Vec<u32> = Vec::with_capacity(head_lists);
         while probed < probe_target && probed_lists < lkeys.len() {
             order.reach(&mut lkeys, probed_lists, best_first);
             let (centroid_score, l) = from_best_first_key(lkeys[probed_lists]);
@@ -852,24 +852,23 @@ impl Index {
             // the head's lists are sorted) needs no per-member check.
             let all_open =
                 bounds.is_some_and(|b| lies_between_statics(b[l as usize], members.len(), edges));
-            let open = if all_open {
-                members.len()
+            let (open, scanned) = if all_open {
+                (members.len(), members.len())
             } else {
                 scanned_chunks(members, bounds.is_some(), edges.1)
                     .flatten()
-                    .filter(|&&t| is_open(t, position, params))
-                    .count()
+                    .fold((0, 0), |(open, scanned), &t| {
+                        (open + is_open(t, position, params) as usize, scanned + 1)
+                    })
             };
             probes.push(Probe {
                 list: l,
-                first_cand: probed as u32,
+                first_slot: slots as u32,
                 base: if residual { centroid_score } else { 0.0 },
                 all_open,
             });
-            if open > 0 {
-                cand_runs.push(probed as u32);
-            }
             probed += open;
+            slots += scanned;
         }
         stats.phases.centroids_ns = lap(&mut mark);
         let plan_ns = started.elapsed().as_nanos() as u64;
@@ -889,11 +888,7 @@ impl Index {
             probed_lists,
             sq,
             cq,
-            cand_tokens: vec![0; probed],
-            cand_lists: vec![0; probed],
-            cand_scores: vec![0.0; probed],
-            cand_rows: vec![0; probed],
-            cand_runs,
+            cand_scores: vec![0.0; slots],
             probes,
             best: Vec::new(),
             need: Vec::new(),
@@ -1001,34 +996,28 @@ impl Index {
                 let (pi, k) = (pi as usize, k as usize);
                 let plan = &mut *plans[pi];
                 let probe = plan.probes[k];
-                let mut c = probe.first_cand as usize;
+                let mut c = probe.first_slot as usize;
                 for (b, chunk) in scanned_chunks(members, sorted, window_start).enumerate() {
                     let at = (first_block + b) * block_bytes;
-                    plan.cq
-                        .score_block(&codes[at..at + block_bytes], probe.base, &mut lane_scores);
-                    plan.stats.codes_scored += chunk.len() as u64;
-                    let row0 = (b * CODE_BLOCK) as u32;
-                    if probe.all_open {
-                        let n = chunk.len();
-                        plan.cand_tokens[c..c + n].copy_from_slice(chunk);
-                        plan.cand_lists[c..c + n].fill(l as u32);
-                        plan.cand_scores[c..c + n].copy_from_slice(&lane_scores[..n]);
-                        for (r, row) in plan.cand_rows[c..c + n].iter_mut().zip(row0..) {
-                            *r = row;
+                    let block = &codes[at..at + block_bytes];
+                    let n = chunk.len();
+                    // A whole block is scored straight into its slots.
+                    match <&mut [f32; CODE_BLOCK]>::try_from(&mut plan.cand_scores[c..c + n]) {
+                        Ok(out) => plan.cq.score_block(block, probe.base, out),
+                        Err(_) => {
+                            plan.cq.score_block(block, probe.base, &mut lane_scores);
+                            plan.cand_scores[c..c + n].copy_from_slice(&lane_scores[..n]);
                         }
-                        c += n;
-                        continue;
                     }
-                    for (lane, &t) in chunk.iter().enumerate() {
-                        if !is_open(t, position, params) {
-                            continue;
+                    plan.stats.codes_scored += n as u64;
+                    if !probe.all_open {
+                        for (score, &t) in plan.cand_scores[c..c + n].iter_mut().zip(chunk) {
+                            if !is_open(t, position, params) {
+                                *score = f32::NEG_INFINITY;
+                            }
                         }
-                        plan.cand_tokens[c] = t;
-                        plan.cand_lists[c] = l as u32;
-                        plan.cand_scores[c] = lane_scores[lane];
-                        plan.cand_rows[c] = row0 + lane as u32;
-                        c += 1;
                     }
+                    c += n;
                 }
             }
         }
@@ -1068,12 +1057,8 @@ impl Index {
             probed_lists,
             sq,
             cq,
-            cand_tokens,
-            cand_lists,
             cand_scores,
-            cand_rows,
-            cand_runs,
-            probes: _,
+            probes,
             best,
             need,
         } = plan;
@@ -1085,38 +1070,43 @@ impl Index {
         // scored exactly: the codes already ranked every probed member, and re-scoring whole
         // lists would cost full-key work for tokens the codes ruled out. The plan appended
         // candidates list by list, so `best` (ascending) comes grouped by list.
-        let mut ex_tokens: Vec<u32> = Vec::with_capacity(best.len());
-        let mut ex_scores: Vec<f32> = Vec::with_capacity(best.len());
         let mut ex_cand: Vec<u32> = Vec::with_capacity(best.len());
+        let mut ex_scores: Vec<f32> = Vec::with_capacity(best.len());
+        // Each candidate's list as its index in `need` (and `views`), and its row there.
         let mut ex_rows: Vec<(u32, u32)> = Vec::with_capacity(best.len());
         // `views[i]` holds `need[i]`, and `best` meets the lists in that order.
-        let mut run_list = (u32::MAX, usize::MAX);
-        for &ci in &best {
-            let (l, t) = (cand_lists[ci as usize], cand_tokens[ci as usize]);
-            if run_list.0 != l {
-                let bi = run_list.1.wrapping_add(1);
-                if need.get(bi) != Some(&l) || bi >= views.len() {
+        let mut run = (usize::MAX, usize::MAX);
+        for (ci, p) in slots_by_probe(&probes, best.iter().copied()) {
+            let probe = probes[p];
+            if run.0 != p {
+                let bi = run.1.wrapping_add(1);
+                if need.get(bi) != Some(&probe.list) || bi >= views.len() {
                     return Err(IndexError::Open {
                         path: self.dir.clone(),
-                        problem: format!("list {l} holds a candidate but was not read"),
+                        problem: format!("list {} holds a candidate but was not read", probe.list),
                     });
                 }
-                run_list = (l, bi);
+                run = (p, bi);
             }
-            let (list, bi) = (&views[run_list.1], run_list.1);
-            // A candidate's row is its rank among its list's primary members, which the list
-            // stores first and in the manifest's order (`parse_views` checked every one).
-            let r = cand_rows[ci as usize] as usize;
-            if r >= list.len() {
+            let bi = run.1;
+            // A slot's offset in its list's run is its row: its rank among the list's primary
+            // members, which the list stores first and in the manifest's order (`parse_views`
+            // checked every one).
+            let r = (ci - probe.first_slot) as usize;
+            if r >= views[bi].len() {
                 return Err(IndexError::Open {
                     path: self.dir.clone(),
-                    problem: format!("list {l} has no row {r} for its member {t}"),
+                    problem: format!("list {} has no row {r}", probe.list),
                 });
             }
             ex_cand.push(ci);
-            ex_tokens.push(t);
             ex_rows.push((bi as u32, r as u32));
         }
+        let token_of = |i: usize| {
+            let (bi, r) = ex_rows[i];
+            views[bi as usize].id(r as usize)
+        };
+        let list_of = |i: usize| need[ex_rows[i].0 as usize];
         // Candidates ranked by their codes from `code_trusted_from` of the budget on, for
         // `code_trusted_fraction` of it, keep their code scores; the others (the best ones,
         // whose weights dominate the output, and those nearest the cut) are scored exactly.
@@ -1171,7 +1161,7 @@ impl Index {
                 position,
                 problem: format!(
                     "the logit of token {} is {}: the query is too large",
-                    ex_tokens[i],
+                    token_of(i),
                     scale * ex_scores[i]
                 ),
             });
@@ -1229,7 +1219,8 @@ impl Index {
                 &lkeys,
                 probed_lists,
                 &unexpanded,
-                (&cand_lists, &cand_scores, &cand_runs),
+                &probes,
+                &cand_scores,
                 &exact,
                 &mut stats,
             );
@@ -1262,8 +1253,7 @@ impl Index {
             // Exactly scored tokens beyond what is attended join the remainder with their exact
             // logits (their keys were read; their values are not used).
             for &i in &top[attend..] {
-                let c = ex_cand[i as usize] as usize;
-                est.add_logit(cand_lists[c], scale * ex_scores[i as usize], 1.0);
+                est.add_logit(list_of(i as usize), scale * ex_scores[i as usize], 1.0);
             }
             top.truncate(attend);
             if params.estimate_remainder {
@@ -1294,7 +1284,7 @@ impl Index {
             }
         };
         let mut out = Retrieved {
-            tokens: top.iter().map(|&i| ex_tokens[i as usize]).collect(),
+            tokens: top.iter().map(|&i| token_of(i as usize)).collect(),
             scores: top.iter().map(|&i| ex_scores[i as usize]).collect(),
             values,
             attention,
@@ -1445,17 +1435,48 @@ fn select_candidates(plan: &mut Planned<'_>) {
     let budget = plan.params.budget_tokens(plan.position);
     let keep = ((plan.params.rerank_factor as f64) * budget as f64).ceil() as usize;
     plan.best = top_k_indices(&plan.cand_scores, keep);
-    // `best` is in candidate order, so each list's candidates are adjacent and one dedup
-    // leaves every list once, in the order the re-rank meets them.
-    plan.need = plan
-        .best
-        .iter()
-        .map(|&i| plan.cand_lists[i as usize])
-        .collect();
-    plan.need.dedup();
+    // A member that is no candidate (-inf) comes in only when fewer than `keep` are.
+    let scores = &plan.cand_scores;
+    plan.best
+        .retain(|&c| scores[c as usize] > f32::NEG_INFINITY);
+    // `best` is ascending, so it meets each list's candidates together and the lists in probe
+    // order: the order in which the re-rank reads them.
+    plan.need.clear();
+    let mut last = usize::MAX;
+    for (_, p) in slots_by_probe(&plan.probes, plan.best.iter().copied()) {
+        if p != last {
+            plan.need.push(plan.probes[p].list);
+            last = p;
+        }
+    }
     let ns = started.elapsed().as_nanos() as u64;
     plan.stats.phases.select_ns = ns;
     plan.plan_ns += ns;
+}
+
+/// Each of `slots` (ascending slots of a plan's `cand_scores`) with the index of the probe whose
+/// run holds it.
+fn slots_by_probe<'p>(
+    probes: &'p [Probe],
+    slots: impl IntoIterator<Item = u32> + 'p,
+) -> impl Iterator<Item = (u32, usize)> + 'p {
+    let mut p = 0usize;
+    slots.into_iter().map(move |c| {
+        // Skips probes with no slots too (their next has the same first slot).
+        while probes.get(p + 1).is_some_and(|next| next.first_slot <= c) {
+            p += 1;
+        }
+        (c, p)
+    })
+}
+
+/// Each probe's list and its run of slots, in probe order, of a plan with `slots` slots.
+fn probe_runs(probes: &[Probe], slots: usize) -> impl Iterator<Item = (u32, Range<usize>)> + '_ {
+    let ends = probes.iter().skip(1).map(|p| p.first_slot as usize);
+    probes
+        .iter()
+        .zip(ends.chain([slots]))
+        .map(|(p, end)| (p.list, p.first_slot as usize..end))
 }
 
 /// Whether a non-empty run of tokens with these first and last members lies wholly between the
@@ -1769,7 +1790,8 @@ impl RemainderEstimator {
         lkeys: &[u64],
         probed_lists: usize,
         unexpanded: &[(u32, f32)],
-        (cand_lists, cand_scores, cand_runs): (&[u32], &[f32], &[u32]),
+        probes: &[Probe],
+        cand_scores: &[f32],
         exact: &[(u32, f32)],
         stats: &mut SearchStats,
     ) {
@@ -1802,52 +1824,41 @@ impl RemainderEstimator {
             if max.is_finite() {
                 // Each list's count of unattended candidates, counted before the sweep (an
                 // unattended weight may underflow to 0 and still counts).
-                let ends = cand_runs.iter().skip(1).map(|&e| e as usize);
-                let runs: Vec<(usize, usize, usize)> = cand_runs
-                    .iter()
-                    .map(|&a| a as usize)
-                    .zip(ends.chain([xs.len()]))
-                    .map(|(a, b)| {
-                        (
-                            a,
-                            b,
-                            xs[a..b].iter().filter(|&&x| x > f32::NEG_INFINITY).count(),
-                        )
+                let runs: Vec<(u32, Range<usize>, usize)> = probe_runs(probes, xs.len())
+                    .map(|(list, slots)| {
+                        let open = xs[slots.clone()]
+                            .iter()
+                            .filter(|&&x| x > f32::NEG_INFINITY)
+                            .count();
+                        (list, slots, open)
                     })
                     .collect();
                 xs.iter_mut().for_each(|x| *x -= max);
                 crate::simd::exp_in_place(&mut xs);
-                for (a, b, open) in runs {
+                for (list, slots, open) in runs {
                     if open > 0 {
-                        let sum = crate::linalg::sum_of(&xs[a..b]);
-                        self.add_logit(cand_lists[a], max + (sum / open as f32).ln(), open as f32);
+                        let sum = crate::linalg::sum_of(&xs[slots]);
+                        self.add_logit(list, max + (sum / open as f32).ln(), open as f32);
                     }
                 }
             }
         } else {
-            let mut scored = vec![false; cand_lists.len()];
-            for &(c, logit) in exact {
+            let mut scored = vec![false; cand_scores.len()];
+            let lists =
+                slots_by_probe(probes, exact.iter().map(|e| e.0)).map(|(_, p)| probes[p].list);
+            for (&(c, logit), l) in exact.iter().zip(lists) {
                 scored[c as usize] = true;
                 if logit != f32::NEG_INFINITY {
-                    self.add_logit(cand_lists[c as usize], logit, 1.0);
+                    self.add_logit(l, logit, 1.0);
                 }
             }
-            let mut counts: Vec<(u32, u32)> = Vec::new();
-            for (&l, &done) in cand_lists.iter().zip(&scored) {
-                if done {
-                    continue;
-                }
-                match counts.last_mut() {
-                    Some((last, n)) if *last == l => *n += 1,
-                    _ => counts.push((l, 1)),
-                }
-            }
-            for (l, n) in counts {
-                // Probed lists are the first `probed_lists` of `lkeys`; find the score.
-                let mut probed = lkeys[..probed_lists]
-                    .iter()
-                    .map(|&k| from_best_first_key(k));
-                if let Some((c, _)) = probed.find(|x| x.1 == l) {
+            // A probe's list is the same entry of the probed lists' keys.
+            for ((l, slots), &key) in probe_runs(probes, cand_scores.len()).zip(lkeys) {
+                let n = slots
+                    .filter(|&c| !scored[c] && cand_scores[c] > f32::NEG_INFINITY)
+                    .count();
+                if n > 0 {
+                    let c = from_best_first_key(key).0;
                     let corr = ctx.variance_correction(l as usize, q_norm_sq, stats);
                     self.add_logit(l, s * c + corr, n as f32);
                 }
