@@ -1071,6 +1071,7 @@ impl Index {
         // lists would cost full-key work for tokens the codes ruled out. The plan appended
         // candidates list by list, so `best` (ascending) comes grouped by list.
         let mut ex_cand: Vec<u32> = Vec::with_capacity(best.len());
+        let mut ex_tokens: Vec<u32> = Vec::with_capacity(best.len());
         let mut ex_scores: Vec<f32> = Vec::with_capacity(best.len());
         // Each candidate's list as its index in `need` (and `views`), and its row there.
         let mut ex_rows: Vec<(u32, u32)> = Vec::with_capacity(best.len());
@@ -1100,12 +1101,11 @@ impl Index {
                 });
             }
             ex_cand.push(ci);
+            // Read now, while the group's check of the lists (`parse_views`) has left their
+            // ids in cache: after the re-rank and the gather they are misses again.
+            ex_tokens.push(views[bi].id(r));
             ex_rows.push((bi as u32, r as u32));
         }
-        let token_of = |i: usize| {
-            let (bi, r) = ex_rows[i];
-            views[bi as usize].id(r as usize)
-        };
         let list_of = |i: usize| need[ex_rows[i].0 as usize];
         // Candidates ranked by their codes from `code_trusted_from` of the budget on, for
         // `code_trusted_fraction` of it, keep their code scores; the others (the best ones,
@@ -1161,7 +1161,7 @@ impl Index {
                 position,
                 problem: format!(
                     "the logit of token {} is {}: the query is too large",
-                    token_of(i),
+                    ex_tokens[i],
                     scale * ex_scores[i]
                 ),
             });
@@ -1284,7 +1284,7 @@ impl Index {
             }
         };
         let mut out = Retrieved {
-            tokens: top.iter().map(|&i| token_of(i as usize)).collect(),
+            tokens: top.iter().map(|&i| ex_tokens[i as usize]).collect(),
             scores: top.iter().map(|&i| ex_scores[i as usize]).collect(),
             values,
             attention,
