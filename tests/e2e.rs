@@ -769,8 +769,36 @@ fn remainder_estimate_lowers_output_error_on_real_data() {
 }
 
 fn check_remainder(dump: &KvDump, index: &Index, what: &str) {
-    let params = SearchParams::default();
-    assert!(params.estimate_remainder, "estimation is on by default");
+    assert!(
+        SearchParams::default().estimate_remainder,
+        "estimation is on by default"
+    );
+    // Probed tokens valued by their codes (the default) and by their list's centroid (whose
+    // logit, that of the mean key, undervalues a list by far: on this dump the estimate then
+    // moves the mean output error by about 0.01%, so it is only held to its accounting and to
+    // within 0.1% of the exact part's error).
+    for (how, code_logits, most) in [
+        ("code logits", true, 0.8),
+        ("centroid logits", false, 1.001),
+    ] {
+        let params = SearchParams {
+            remainder_code_logits: code_logits,
+            ..Default::default()
+        };
+        check_remainder_with(dump, index, &format!("{what}, {how}"), &params, most);
+    }
+}
+
+/// Checks the estimate's accounting on every fifth query past position 200, and that it brings
+/// the mean output error to at most `most` times that of the exact part alone.
+fn check_remainder_with(
+    dump: &KvDump,
+    index: &Index,
+    what: &str,
+    params: &SearchParams,
+    most: f64,
+) {
+    let params = params.clone();
     let off = SearchParams {
         estimate_remainder: false,
         ..Default::default()
@@ -810,7 +838,7 @@ fn check_remainder(dump: &KvDump, index: &Index, what: &str) {
     println!("{what}, {n} queries: mean output error {exact_only:.4} exact part only, {with_estimate:.4} with the estimate");
     assert!(n > 50);
     assert!(
-        with_estimate < 0.8 * exact_only,
+        with_estimate <= most * exact_only,
         "{what}: estimate {with_estimate} vs exact only {exact_only}"
     );
 }

@@ -190,8 +190,8 @@ struct Planned<'a> {
     cq: CodeQuery,
     /// The code score of every scanned member of the probed lists, list by list in probe
     /// order and each list's members in its order (a slot's offset in its list's run is its
-    /// row); -inf for a member that is no candidate (static or not yet visible). Nothing else
-    /// is kept per candidate: a candidate's list, row and token follow from its slot.
+    /// row); -inf for a member that is no candidate (static or not yet visible). A candidate's
+    /// list and row follow from its slot.
     cand_scores: Vec<f32>,
     /// The token of each slot, copied by the scan while the list's members are at hand (read
     /// from the lists in the re-rank, they were cache misses: +10 µs per 128K query head).
@@ -961,11 +961,11 @@ impl Index {
         let block_bytes = first.sq.block_bytes();
         let codes = head.codes.as_slice();
         let block_start = u32s(&head.code_block_start);
-        let bounds = self
+        let sorted = self
             .list_bounds
             .get(layer_slot * self.kv_heads() + kv_head)
-            .and_then(|b| b.as_deref());
-        let edges = params.static_edges(position);
+            .is_some_and(|b| b.is_some());
+        let window_start = params.static_edges(position).1;
         // Every probe as (list, its index in `owners`), one integer each, ordered by list.
         let owners: Vec<(u32, u32)> = plans
             .iter()
@@ -984,11 +984,6 @@ impl Index {
         // which lie elsewhere in the manifest, while its own are scored (further ahead read
         // alike on the 128K bench).
         let runs: Vec<&[u64]> = work.chunk_by(|a, b| a >> 32 == b >> 32).collect();
-        // As the plan decided for its probes (`Probe::all_open`).
-        let all_open = |l: usize| {
-            bounds
-                .is_some_and(|b| lies_between_statics(b[l], primary_members(head, l).len(), edges))
-        };
         let mut lane_scores = [0f32; CODE_BLOCK];
         for (j, run) in runs.iter().enumerate() {
             let l = (run[0] >> 32) as usize;
@@ -998,17 +993,7 @@ impl Index {
                 crate::simd::prefetch(&codes[blocks.start * block_bytes..blocks.end * block_bytes]);
                 crate::simd::prefetch(bytemuck::cast_slice(primary_members(head, n)));
             }
-            // A list whose members all lie between the sinks and the window (the same for every
-            // query of the group) is scanned whole; another stops at the recent window (sorted
-            // lists), and its members are checked one by one.
             let members = primary_members(head, l);
-            let scanned = if all_open(l) {
-                members.len()
-            } else {
-                scanned_chunks(members, bounds.is_some(), edges.1)
-                    .map(<[u32]>::len)
-                    .sum()
-            };
             let first_block = block_start[l] as usize;
             for &item in run.iter() {
                 let (pi, k) = owners[item as u32 as usize];
@@ -1016,7 +1001,7 @@ impl Index {
                 let plan = &mut *plans[pi];
                 let probe = plan.probes[k];
                 let mut c = probe.first_slot as usize;
-                for (b, chunk) in members[..scanned].chunks(CODE_BLOCK).enumerate() {
+                for (b, chunk) in scanned_chunks(members, sorted, window_start).enumerate() {
                     let at = (first_block + b) * block_bytes;
                     let block = &codes[at..at + block_bytes];
                     let n = chunk.len();
