@@ -774,9 +774,9 @@ fn check_remainder(dump: &KvDump, index: &Index, what: &str) {
         "estimation is on by default"
     );
     // Probed tokens valued by their codes (the default) and by their list's centroid (whose
-    // logit, that of the mean key, undervalues a list by far: on this dump the estimate then
-    // moves the mean output error by about 0.01%, so it is only held to its accounting and to
-    // within 0.1% of the exact part's error).
+    // logit, that of the mean key, undervalues a list by far: on the flat index the estimate
+    // then moves the mean output error by about 0.01%, so it is only held to its accounting and
+    // to within 0.1% of the exact part's error).
     for (how, code_logits, most) in [
         ("code logits", true, 0.8),
         ("centroid logits", false, 1.001),
@@ -798,7 +798,6 @@ fn check_remainder_with(
     params: &SearchParams,
     most: f64,
 ) {
-    let params = params.clone();
     let off = SearchParams {
         estimate_remainder: false,
         ..Default::default()
@@ -813,7 +812,7 @@ fn check_remainder_with(
             for qh in 0..dump.meta.q_heads {
                 let kvh = dump.kv_head_of(qh);
                 let q = dump.queries.row(l, qh, qi);
-                let r = index.search(l, kvh, q, p, &params).unwrap();
+                let r = index.search(l, kvh, q, p, params).unwrap();
                 let rem = r.remainder.as_ref().expect("estimate requested");
                 // Careful accounting: the estimate stands for exactly the visible, non-static
                 // tokens that were not attended.
@@ -827,7 +826,7 @@ fn check_remainder_with(
                 let r_off = index.search(l, kvh, q, p, &off).unwrap();
                 assert!(r_off.remainder.is_none());
                 assert_eq!(r_off.tokens, r.tokens);
-                let (e_exact, e_est) = output_errors(dump, l, qh, qi, &r, &params);
+                let (e_exact, e_est) = output_errors(dump, l, qh, qi, &r, params);
                 exact_only += e_exact;
                 with_estimate += e_est;
                 n += 1;
