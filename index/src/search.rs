@@ -836,10 +836,7 @@ impl Index {
         let cq = sq.query(q);
         let residual = sq.bits == RESIDUAL_CODE_BITS;
         let probe_target = (params.probe_fraction as f64 * visible as f64).ceil() as usize;
-        let bounds = self
-            .list_bounds
-            .get(layer_slot * self.kv_heads() + kv_head)
-            .and_then(|b| b.as_deref());
+        let bounds = self.list_bounds_of(layer_slot, kv_head);
         let edges = params.static_edges(position);
         // Open members probed (what the probe target counts) and slots (every member scanned).
         let mut probed = 0usize;
@@ -961,10 +958,7 @@ impl Index {
         let block_bytes = first.sq.block_bytes();
         let codes = head.codes.as_slice();
         let block_start = u32s(&head.code_block_start);
-        let sorted = self
-            .list_bounds
-            .get(layer_slot * self.kv_heads() + kv_head)
-            .is_some_and(|b| b.is_some());
+        let sorted = self.list_bounds_of(layer_slot, kv_head).is_some();
         let window_start = params.static_edges(position).1;
         // Every probe as (list, its index in `owners`), one integer each, ordered by list.
         let owners: Vec<(u32, u32)> = plans
@@ -1189,7 +1183,7 @@ impl Index {
         let mut remainder = None;
         if estimate {
             let hi = layer_slot * self.kv_heads() + kv_head;
-            let bounds = self.list_bounds.get(hi).and_then(|b| b.as_deref());
+            let bounds = self.list_bounds_of(layer_slot, kv_head);
             let touching = match (bounds, self.edge_orders.get(hi)) {
                 (Some(b), Some(Some(orders))) => {
                     Some(orders.touching(b, params.static_edges(position), &mut stats))
@@ -1362,6 +1356,14 @@ impl Index {
 
     fn kv_heads(&self) -> usize {
         self.manifest().source.kv_heads.to_native() as usize
+    }
+
+    /// Each list's first and last primary member for one head, when its lists are sorted
+    /// (`Index::list_bounds`).
+    fn list_bounds_of(&self, layer_slot: usize, kv_head: usize) -> Option<&[(u32, u32)]> {
+        self.list_bounds
+            .get(layer_slot * self.kv_heads() + kv_head)
+            .and_then(|b| b.as_deref())
     }
 
     /// Lists `ids` of `head`, from the RAM tier where present, the rest in one batched read.
@@ -1573,10 +1575,7 @@ impl EstimateContext<'_> {
             stats.estimate_bytes += 4 * members.len() as u64;
             members
                 .iter()
-                .filter(|&&t| {
-                    (t as usize) <= self.position
-                        && !self.params.is_static(t as usize, self.position)
-                })
+                .filter(|&&t| is_open(t, self.position, self.params))
                 .count()
         }
     }
