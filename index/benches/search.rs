@@ -72,6 +72,47 @@ fn bench(c: &mut Criterion) {
     }
     g.finish();
 
+    // 3-bit codes of 2,048 keys for the queries of a GQA group that probe the same list:
+    // one query at a time, or decoded once for all of them.
+    let mut g = c.benchmark_group("code_scoring_3_bit_2048_keys");
+    let sq = ScalarQuantizer::fit(&keys, dim, 3);
+    let rows: Vec<&[f32]> = keys.chunks_exact(dim).take(2048).collect();
+    let mut codes = Vec::new();
+    for block in rows.chunks(CODE_BLOCK) {
+        sq.encode_block(block, &mut codes);
+    }
+    let qs: Vec<_> = (0..4)
+        .map(|i| sq.query(&keys[(100 + i) * dim..(101 + i) * dim]))
+        .collect();
+    for n in 1..=4usize {
+        let mut lanes = [0f32; CODE_BLOCK];
+        g.bench_function(BenchmarkId::new("one_at_a_time", n), |b| {
+            b.iter(|| {
+                let mut best = f32::MIN;
+                for block in codes.chunks_exact(sq.block_bytes()) {
+                    for q in &qs[..n] {
+                        q.score_block(black_box(block), 0.0, &mut lanes);
+                        best = lanes.iter().fold(best, |m, &v| m.max(v));
+                    }
+                }
+                black_box(best)
+            })
+        });
+        let with_bases: Vec<_> = qs[..n].iter().map(|q| (q, 0.0f32)).collect();
+        let mut out = vec![[0f32; CODE_BLOCK]; n];
+        g.bench_function(BenchmarkId::new("shared", n), |b| {
+            b.iter(|| {
+                let mut best = f32::MIN;
+                for block in codes.chunks_exact(sq.block_bytes()) {
+                    qs[0].score_blocks_shared(&with_bases, black_box(block), &mut out);
+                    best = out.iter().flatten().fold(best, |m, &v| m.max(v));
+                }
+                black_box(best)
+            })
+        });
+    }
+    g.finish();
+
     // The candidates of a 128K query head in the decode bench: the best 23% of 6,554 code
     // scores (3-bit codes of real keys against a real query).
     let sq = ScalarQuantizer::fit(&keys, dim, 3);

@@ -234,9 +234,16 @@ impl ScalarQuantizer {
         } else {
             Vec::new()
         };
+        // Elsewhere, the shared AVX2 kernel's weights, from the low plane's pairs.
+        let split3_pair_rows = if self.bits == 3 && split3_vnni.is_empty() {
+            crate::simd::split3_pair_row_weights(&plane_pairs[0], planes[0].1)
+        } else {
+            Vec::new()
+        };
         CodeQuery {
             bits: self.bits,
             split3_vnni,
+            split3_pair_rows,
             planes,
             weights,
             nibble_pairs,
@@ -245,6 +252,18 @@ impl ScalarQuantizer {
             bias,
         }
     }
+}
+
+/// The most queries [`CodeQuery::score_blocks_shared`] scores per decoding of a block: with
+/// more, their sums no longer fit in AVX2's sixteen registers (three or four at once were
+/// slower than two then one or two, `cargo bench -p strata-index --bench search`).
+pub const SHARED_SCAN_QUERIES: usize = 2;
+
+/// The first `N` of an array of sums, as an array.
+fn first<const N: usize>(
+    acc: &mut [[i32; CODE_BLOCK]; SHARED_SCAN_QUERIES],
+) -> &mut [[i32; CODE_BLOCK]; N] {
+    <&mut [[i32; CODE_BLOCK]; N]>::try_from(&mut acc[..N]).expect("N <= SHARED_SCAN_QUERIES")
 }
 
 /// A query prepared for scoring packed codes.
@@ -263,6 +282,9 @@ pub struct CodeQuery {
     /// For 3-bit codes on a CPU with AVX-512 VNNI: the weights of `simd::score_split3_block_vnni`
     /// (empty otherwise).
     split3_vnni: Vec<i32>,
+    /// For 3-bit codes elsewhere (AVX2): the weights of `simd::score_split3_blocks`, which
+    /// decodes a block once for several queries (empty where it does not apply).
+    split3_pair_rows: Vec<i32>,
     unit: f32,
     bias: f32,
 }
@@ -311,6 +333,9 @@ impl CodeQuery {
     /// codes, the score of the list's centroid; 0 for key codes).
     #[inline]
     pub fn score_block(&self, block: &[u8], base: f32, out: &mut [f32; CODE_BLOCK]) {
+        if self.score_blocks_shared(&[(self, base)], block, std::slice::from_mut(out)) {
+            return;
+        }
         let bias = self.bias + base;
         let fast = match self.bits {
             4 => crate::simd::score_nibble_block(block, &self.nibble_pairs),
@@ -339,6 +364,48 @@ impl CodeQuery {
         for i in 0..CODE_BLOCK {
             out[i] = bias + acc[i] as f32 * self.unit;
         }
+    }
+
+    /// [`CodeQuery::score_block`] for several queries with their bases (`out[i]` for
+    /// `queries[i]`, as many of each), decoding the block once for up to
+    /// [`SHARED_SCAN_QUERIES`] of them at a time where the shared AVX2 kernel applies; the
+    /// scores are those `score_block` gives. Called on any one of the queries, all 3-bit codes
+    /// of the same quantiser.
+    pub fn score_blocks_shared(
+        &self,
+        queries: &[(&CodeQuery, f32)],
+        block: &[u8],
+        out: &mut [[f32; CODE_BLOCK]],
+    ) -> bool {
+        let low = self.planes[0].1;
+        if queries.len() != out.len()
+            || queries
+                .iter()
+                .any(|(q, _)| q.bits != 3 || q.planes[0].1 != low || q.split3_pair_rows.is_empty())
+        {
+            return false;
+        }
+        for (qs, outs) in queries
+            .chunks(SHARED_SCAN_QUERIES)
+            .zip(out.chunks_mut(SHARED_SCAN_QUERIES))
+        {
+            let w = |i: usize| qs[i].0.split3_pair_rows.as_slice();
+            let mut acc = [[0i32; CODE_BLOCK]; SHARED_SCAN_QUERIES];
+            let done = match qs.len() {
+                1 => crate::simd::score_split3_blocks::<1>(block, low, [w(0)], first(&mut acc)),
+                _ => crate::simd::score_split3_blocks::<2>(block, low, [w(0), w(1)], &mut acc),
+            };
+            if !done {
+                return false;
+            }
+            for ((&(q, base), o), a) in qs.iter().zip(outs.iter_mut()).zip(&acc) {
+                let bias = q.bias + base;
+                for i in 0..CODE_BLOCK {
+                    o[i] = bias + a[i] as f32 * q.unit;
+                }
+            }
+        }
+        true
     }
 
     /// The portable block scan of one plane: adds its codes' weighted sums to `acc`.
@@ -423,6 +490,61 @@ mod tests {
                 cq.add_plane_scalar(&block, plane, &mut portable);
             }
             assert_eq!(vnni, Some(portable), "dim {dim}");
+        }
+    }
+
+    #[test]
+    fn the_shared_kernel_gives_each_query_its_own_scores() {
+        let mut x = 11u64;
+        let mut next = || {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        for dim in [32, 36, 64, 96, 128, 256] {
+            let keys: Vec<f32> = (0..dim * CODE_BLOCK).map(|_| next() * 4.0).collect();
+            let sq = ScalarQuantizer::fit(&keys, dim, 3);
+            let rows: Vec<&[f32]> = keys.chunks_exact(dim).collect();
+            let mut block = Vec::new();
+            sq.encode_block(&rows, &mut block);
+            let queries: Vec<CodeQuery> = (0..6)
+                .map(|_| sq.query(&(0..dim).map(|_| next() * 3.0).collect::<Vec<_>>()))
+                .collect();
+            // Each query alone, by the portable plane scan.
+            let portable: Vec<[f32; CODE_BLOCK]> = queries
+                .iter()
+                .enumerate()
+                .map(|(i, q)| {
+                    let mut acc = [0i32; CODE_BLOCK];
+                    for plane in q.planes.iter().filter(|p| p.1 > 0) {
+                        q.add_plane_scalar(&block, plane, &mut acc);
+                    }
+                    acc.map(|a| q.bias + i as f32 + a as f32 * q.unit)
+                })
+                .collect();
+            let applies = cfg!(all(target_arch = "x86_64", target_feature = "avx2"))
+                && !crate::simd::split3_vnni_available()
+                && (dim / 4) % 2 == 0;
+            for n in 1..=queries.len() {
+                let with_bases: Vec<(&CodeQuery, f32)> = queries[..n]
+                    .iter()
+                    .zip(0..)
+                    .map(|(q, i)| (q, i as f32))
+                    .collect();
+                let mut got = vec![[f32::NAN; CODE_BLOCK]; n];
+                let done = queries[0].score_blocks_shared(&with_bases, &block, &mut got);
+                assert_eq!(done, applies, "dim {dim}, {n} queries");
+                if done {
+                    assert_eq!(got, portable[..n], "dim {dim}, {n} queries");
+                }
+                // score_block agrees whichever kernel it takes.
+                for (i, q) in queries[..n].iter().enumerate() {
+                    let mut one = [0f32; CODE_BLOCK];
+                    q.score_block(&block, i as f32, &mut one);
+                    assert_eq!(one, portable[i], "dim {dim}, query {i}");
+                }
+            }
         }
     }
 

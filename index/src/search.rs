@@ -22,7 +22,9 @@ use strata_storage::cache::{CacheKey, CacheStats, RamCache};
 use strata_storage::reader::{ReaderKind, ReaderPreference};
 use strata_storage::segment::{ListLocation, SegmentFile};
 
-use crate::codes::{CodeQuery, ScalarQuantizer, CODE_BLOCK, RESIDUAL_CODE_BITS};
+use crate::codes::{
+    CodeQuery, ScalarQuantizer, CODE_BLOCK, RESIDUAL_CODE_BITS, SHARED_SCAN_QUERIES,
+};
 use crate::linalg::{
     best_first, best_first_key, dot_f16_bytes, f16_bytes_to_f32, from_best_first_key, top_k_indices,
 };
@@ -978,7 +980,8 @@ impl Index {
         // which lie elsewhere in the manifest, while its own are scored (further ahead read
         // alike on the 128K bench).
         let runs: Vec<&[u64]> = work.chunk_by(|a, b| a >> 32 == b >> 32).collect();
-        let mut lane_scores = [0f32; CODE_BLOCK];
+        // One list's scores for up to SHARED_SCAN_QUERIES queries, block-major.
+        let mut scored: Vec<[f32; CODE_BLOCK]> = Vec::new();
         for (j, run) in runs.iter().enumerate() {
             let l = (run[0] >> 32) as usize;
             if let Some(next) = runs.get(j + 1) {
@@ -989,34 +992,54 @@ impl Index {
             }
             let members = primary_members(head, l);
             let first_block = block_start[l] as usize;
-            for &item in run.iter() {
-                let (pi, k) = owners[item as u32 as usize];
-                let (pi, k) = (pi as usize, k as usize);
-                let plan = &mut *plans[pi];
-                let probe = plan.probes[k];
-                let mut c = probe.first_slot as usize;
-                for (b, chunk) in scanned_chunks(members, sorted, window_start).enumerate() {
-                    let at = (first_block + b) * block_bytes;
-                    let block = &codes[at..at + block_bytes];
-                    let n = chunk.len();
-                    // A whole block is scored straight into its slots.
-                    match <&mut [f32; CODE_BLOCK]>::try_from(&mut plan.cand_scores[c..c + n]) {
-                        Ok(out) => plan.cq.score_block(block, probe.base, out),
-                        Err(_) => {
-                            plan.cq.score_block(block, probe.base, &mut lane_scores);
-                            plan.cand_scores[c..c + n].copy_from_slice(&lane_scores[..n]);
-                        }
+            let block_of = |b: usize| &codes[(first_block + b) * block_bytes..][..block_bytes];
+            // The queries probing this list, a few at a time: each block is decoded once for
+            // all of them (`CodeQuery::score_blocks_shared`), then each query's scores and the
+            // members' tokens go to its slots.
+            for items in run.chunks(SHARED_SCAN_QUERIES) {
+                let owner = |item: u64| {
+                    let (pi, k) = owners[item as u32 as usize];
+                    (pi as usize, k as usize)
+                };
+                let m = items.len();
+                scored.clear();
+                {
+                    let mut queries = [(&plans[0].cq, 0f32); SHARED_SCAN_QUERIES];
+                    for (q, &item) in queries.iter_mut().zip(items) {
+                        let (pi, k) = owner(item);
+                        *q = (&plans[pi].cq, plans[pi].probes[k].base);
                     }
-                    plan.stats.codes_scored += n as u64;
-                    plan.cand_tokens[c..c + n].copy_from_slice(chunk);
-                    if !probe.all_open {
-                        for (score, &t) in plan.cand_scores[c..c + n].iter_mut().zip(chunk) {
-                            if !is_open(t, position, params) {
-                                *score = f32::NEG_INFINITY;
+                    let queries = &queries[..m];
+                    for (b, _) in scanned_chunks(members, sorted, window_start).enumerate() {
+                        let at = scored.len();
+                        scored.resize(at + m, [0f32; CODE_BLOCK]);
+                        let out = &mut scored[at..];
+                        if !queries[0].0.score_blocks_shared(queries, block_of(b), out) {
+                            for (o, &(cq, base)) in out.iter_mut().zip(queries) {
+                                cq.score_block(block_of(b), base, o);
                             }
                         }
                     }
-                    c += n;
+                }
+                for (i, &item) in items.iter().enumerate() {
+                    let (pi, k) = owner(item);
+                    let plan = &mut *plans[pi];
+                    let probe = plan.probes[k];
+                    let mut c = probe.first_slot as usize;
+                    for (b, chunk) in scanned_chunks(members, sorted, window_start).enumerate() {
+                        let n = chunk.len();
+                        plan.cand_scores[c..c + n].copy_from_slice(&scored[b * m + i][..n]);
+                        plan.cand_tokens[c..c + n].copy_from_slice(chunk);
+                        if !probe.all_open {
+                            for (score, &t) in plan.cand_scores[c..c + n].iter_mut().zip(chunk) {
+                                if !is_open(t, position, params) {
+                                    *score = f32::NEG_INFINITY;
+                                }
+                            }
+                        }
+                        plan.stats.codes_scored += n as u64;
+                        c += n;
+                    }
                 }
             }
         }

@@ -1,8 +1,8 @@
 //! The hand-written SIMD kernels of the hot paths: the inner product of an f16 key (as stored
 //! in a posting list) with an f32 query, eight halves at a time, without converting the key
 //! into a buffer first (re-ranking calls it for every candidate key); f16 → f32 conversion of
-//! rows (values read out, list mean values); the weighted sum of attended value rows (AVX-512,
-//! where the CPU has it); the code block scans (4-bit codes two dimensions per `pmaddwd`, 3-bit
+//! rows (values read out, list mean values); the weighted sum of attended value rows (AVX-512
+//! where the CPU has it, else AVX2); the code block scans (4-bit codes two dimensions per `pmaddwd`, 3-bit
 //! residual codes with AVX2 or, where the CPU has it, AVX-512 VNNI); and the bit masks of
 //! `linalg::top_k_indices`.
 
@@ -317,6 +317,126 @@ pub fn score_split3_block(_block: &[u8], _low: usize, _pairs: &[i32]) -> Option<
     None
 }
 
+/// The weights [`score_split3_blocks`] takes, from [`score_split3_block`]'s `pairs` (`2 · low`
+/// of them): per pair of low-plane bytes `(2j, 2j + 1)` and slot pair `p`, eight i32, the first
+/// four `pairs[4j + p]` (byte 2j) and the last four `pairs[4j + 2 + p]` (byte 2j + 1), so that one
+/// 256-bit load gives each 128-bit lane the weights of the byte it decodes. Empty when `low` is
+/// odd (the kernel decodes two bytes at a time).
+pub fn split3_pair_row_weights(pairs: &[i32], low: usize) -> Vec<i32> {
+    if !low.is_multiple_of(2) || pairs.len() != 2 * low {
+        return Vec::new();
+    }
+    let mut out = Vec::with_capacity(8 * low);
+    for j in 0..low / 2 {
+        for p in 0..2 {
+            out.extend([pairs[4 * j + p]; 4]);
+            out.extend([pairs[4 * j + 2 + p]; 4]);
+        }
+    }
+    out
+}
+
+/// [`score_split3_block`] for `Q` queries at once, the same integer sums: two low-plane bytes
+/// (32 keys' worth) are decoded per 256-bit register, one per 128-bit lane, and each decoded
+/// pair of dimensions is multiplied by every query's weights ([`split3_pair_row_weights`]), so
+/// the decoding, most of the kernel's instructions, is shared by the queries of a GQA group
+/// that probe the same list. false, having done nothing, without AVX2 or where the shapes do
+/// not fit.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+#[inline]
+pub fn score_split3_blocks<const Q: usize>(
+    block: &[u8],
+    low: usize,
+    weights: [&[i32]; Q],
+    out: &mut [[i32; 16]; Q],
+) -> bool {
+    use std::arch::x86_64::*;
+    if !low.is_multiple_of(2)
+        || block.len() < 16 * (low + low / 2)
+        || weights.iter().any(|w| w.len() != 8 * low)
+    {
+        return false;
+    }
+    // SAFETY: the cfg guarantees AVX2 at compile time. Low bytes 2j and 2j + 1 are read at
+    // [32j, 32j + 32) with j < low/2, their high byte at 16·(low + j), both inside `block`
+    // (checked above); weights are read at [8i, 8i + 8) with i < low, inside each query's
+    // 8·low (checked above). The stores write 4 i32 at [4r, 4r + 4), r < 4, of each `out[q]`,
+    // which holds 16. All loads and stores are unaligned.
+    unsafe {
+        let m3 = _mm256_set1_epi8(3);
+        let m4 = _mm256_set1_epi8(4);
+        let zero = _mm256_setzero_si256();
+        let mut acc = [[_mm256_setzero_si256(); 4]; Q];
+        for j in 0..low / 2 {
+            let a = _mm256_loadu_si256(block.as_ptr().add(32 * j) as *const __m256i);
+            let b = _mm_loadu_si128(block.as_ptr().add(16 * (low + j)) as *const __m128i);
+            // Lane 0 decodes byte 2j, whose high bits are bits 0-3 of `b`; lane 1 byte 2j + 1,
+            // whose high bits are bits 4-7, moved down to 0-3.
+            let bb =
+                _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(b), _mm_srli_epi16::<4>(b));
+            // The 3-bit code of slot s: low bits 2s, 2s + 1 of `a`, high bit s of `bb` at bit 2.
+            let codes = [
+                _mm256_or_si256(
+                    _mm256_and_si256(a, m3),
+                    _mm256_and_si256(_mm256_slli_epi16::<2>(bb), m4),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<2>(a), m3),
+                    _mm256_and_si256(_mm256_slli_epi16::<1>(bb), m4),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(a), m3),
+                    _mm256_and_si256(bb, m4),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<6>(a), m3),
+                    _mm256_and_si256(_mm256_srli_epi16::<1>(bb), m4),
+                ),
+            ];
+            for p in 0..2 {
+                // Per key, the codes of slots 2p and 2p + 1 side by side, widened to i16:
+                // keys 0-3, 4-7, 8-11, 12-15 (of each lane's byte).
+                let lo = _mm256_unpacklo_epi8(codes[2 * p], codes[2 * p + 1]);
+                let hi = _mm256_unpackhi_epi8(codes[2 * p], codes[2 * p + 1]);
+                let x = [
+                    _mm256_unpacklo_epi8(lo, zero),
+                    _mm256_unpackhi_epi8(lo, zero),
+                    _mm256_unpacklo_epi8(hi, zero),
+                    _mm256_unpackhi_epi8(hi, zero),
+                ];
+                for (w, acc) in weights.iter().zip(acc.iter_mut()) {
+                    let w = _mm256_loadu_si256(w.as_ptr().add(8 * (2 * j + p)) as *const __m256i);
+                    for (a, x) in acc.iter_mut().zip(x) {
+                        *a = _mm256_add_epi32(*a, _mm256_madd_epi16(x, w));
+                    }
+                }
+            }
+        }
+        // Each key's sum is split over the two lanes (even and odd low bytes).
+        for (acc, out) in acc.iter().zip(out.iter_mut()) {
+            for (r, a) in acc.iter().enumerate() {
+                let sum = _mm_add_epi32(
+                    _mm256_castsi256_si128(*a),
+                    _mm256_extracti128_si256::<1>(*a),
+                );
+                _mm_storeu_si128(out.as_mut_ptr().add(4 * r) as *mut __m128i, sum);
+            }
+        }
+    }
+    true
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_feature = "avx2")))]
+#[inline]
+pub fn score_split3_blocks<const Q: usize>(
+    _block: &[u8],
+    _low: usize,
+    _weights: [&[i32]; Q],
+    _out: &mut [[i32; 16]; Q],
+) -> bool {
+    false
+}
+
 /// `Σ_j low[j]·(code[j] & 15) + high[j]·(code[j] >> 4)`: one 4-bit code (two dimensions per
 /// byte, low nibble first) against its i16 weights. Centroid codes are scored one row at a time,
 /// a few hundred per query head; the block kernels need 32 keys transposed.
@@ -498,10 +618,11 @@ unsafe fn signed_and_order_keys(
 }
 
 /// `out[d] += Σ_i weights[i] · rows[i][d]` over rows of `out.len()` little-endian f16 values,
-/// prefetching `ahead` rows ahead, with the sums held in AVX-512 registers across all rows (one
-/// pass, no row converted into a buffer): for 64, 128 or 256 dimensions on a CPU with AVX-512
-/// F. Returns false, having done nothing, anywhere else (or if a row is short), for the caller's
-/// portable loop.
+/// prefetching `ahead` rows ahead, with the sums held in registers (no row converted into a
+/// buffer): in one pass in AVX-512 registers for 64, 128 or 256 dimensions on a CPU with
+/// AVX-512 F, else 64 dimensions at a time in AVX2 registers for any multiple of 64. Returns
+/// false, having done nothing, anywhere else (or if a row is short), for the caller's portable
+/// loop.
 pub fn add_weighted_f16_rows(
     weights: &[f32],
     rows: &[&[u8]],
@@ -511,11 +632,11 @@ pub fn add_weighted_f16_rows(
     #[cfg(target_arch = "x86_64")]
     {
         let dim = out.len();
-        if weights.len() != rows.len()
-            || rows.iter().any(|r| r.len() < 2 * dim)
-            || !is_x86_feature_detected!("avx512f")
-        {
+        if weights.len() != rows.len() || rows.iter().any(|r| r.len() < 2 * dim) {
             return false;
+        }
+        if !is_x86_feature_detected!("avx512f") {
+            return weighted_rows_avx2(weights, rows, out, ahead);
         }
         // SAFETY: AVX-512 F was detected just above; every row holds at least `2 · dim` bytes
         // and `out` exactly `dim` floats, `dim = 16 · R` in each arm.
@@ -567,6 +688,73 @@ unsafe fn weighted_rows_avx512<const R: usize>(
             _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), *a));
         }
     }
+}
+
+/// [`add_weighted_f16_rows`] without AVX-512, for dimensions that are a multiple of 64: 64
+/// dimensions at a time in eight AVX2 registers (sixteen would need more registers than AVX2
+/// has), over runs of `WEIGHTED_ROWS_RUN` rows, so that the second 64 dimensions of a row are
+/// read from L1 where the first pass left them.
+#[cfg(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+))]
+fn weighted_rows_avx2(weights: &[f32], rows: &[&[u8]], out: &mut [f32], ahead: usize) -> bool {
+    use std::arch::x86_64::*;
+    const WEIGHTED_ROWS_RUN: usize = 32;
+    let dim = out.len();
+    if dim == 0 || !dim.is_multiple_of(64) || weights.len() != rows.len() {
+        return false;
+    }
+    for (run, (ws, rs)) in weights
+        .chunks(WEIGHTED_ROWS_RUN)
+        .zip(rows.chunks(WEIGHTED_ROWS_RUN))
+        .enumerate()
+    {
+        for part in 0..dim / 64 {
+            let o = &mut out[64 * part..64 * part + 64];
+            // SAFETY: the cfg guarantees AVX2, FMA and F16C at compile time. Each row holds at
+            // least `2 · dim` bytes (checked by the caller), so the 16-byte loads at
+            // 128·part + 16·r with r < 8 stay inside it; `o` holds 64 floats, and the loads and
+            // stores touch [8r, 8r + 8) of it. All unaligned.
+            unsafe {
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for (r, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_loadu_ps(o.as_ptr().add(8 * r));
+                }
+                for (i, (&w, row)) in ws.iter().zip(rs).enumerate() {
+                    if part == 0 {
+                        if let Some(next) = rows.get(run * WEIGHTED_ROWS_RUN + i + ahead) {
+                            prefetch(next);
+                        }
+                    }
+                    let wv = _mm256_set1_ps(w);
+                    let at = row.as_ptr().add(128 * part);
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let h = _mm_loadu_si128(at.add(16 * r) as *const __m128i);
+                        *a = _mm256_fmadd_ps(_mm256_cvtph_ps(h), wv, *a);
+                    }
+                }
+                for (r, a) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(o.as_mut_ptr().add(8 * r), *a);
+                }
+            }
+        }
+    }
+    true
+}
+
+#[cfg(all(
+    target_arch = "x86_64",
+    not(all(
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    ))
+))]
+fn weighted_rows_avx2(_weights: &[f32], _rows: &[&[u8]], _out: &mut [f32], _ahead: usize) -> bool {
+    false
 }
 
 /// Whether this CPU runs [`score_split3_block_vnni`]: AVX-512 with VNNI (`vpdpbusd`, four u8 ×
@@ -810,8 +998,8 @@ mod tests {
             let mut got = vec![0.5f32; dim];
             if !add_weighted_f16_rows(&weights, &refs, &mut got, 8) {
                 assert!(
-                    dim == 96 || !is_x86_feature_detected!("avx512f"),
-                    "dim {dim}: no kernel on a CPU with AVX-512"
+                    dim == 96 || !cfg!(target_arch = "x86_64"),
+                    "dim {dim}: no kernel on an x86-64-v3 CPU"
                 );
                 assert!(
                     got.iter().all(|&o| o == 0.5),
