@@ -169,15 +169,24 @@ impl RamCache {
             .next_tick
             .fetch_add(keys.len() as u64, Ordering::Relaxed)
             + 1;
-        let out: Vec<_> = keys
-            .iter()
+        // Every lookup first, with plain loads only: each is a cache miss or two (the map's
+        // slot, the buffer's `Arc`), and an atomic read-modify-write between them (the `Arc`
+        // clone's) would make each miss wait for the one before. Reading each buffer's length
+        // brings in the line its reference counts share.
+        let found: Vec<Option<&Entry>> = keys.iter().map(|key| g.map.get(key)).collect();
+        std::hint::black_box(found.iter().flatten().map(|e| e.buf.len()).sum::<usize>());
+        let out: Vec<_> = found
+            .into_iter()
             .zip(first_tick..)
-            .map(|(key, tick)| {
-                let e = g.map.get(key)?;
+            .map(|(e, tick)| {
+                let e = e?;
                 e.tick.store(tick, Ordering::Relaxed);
                 if demand {
                     hits += 1;
-                    if e.prefetched.swap(false, Ordering::Relaxed) {
+                    // Read first: a swap is a locked instruction, and the flag is rarely set.
+                    if e.prefetched.load(Ordering::Relaxed)
+                        && e.prefetched.swap(false, Ordering::Relaxed)
+                    {
                         prefetch_hits += 1;
                     }
                 }
