@@ -2,9 +2,9 @@
 //! in a posting list) with an f32 query, eight halves at a time, without converting the key
 //! into a buffer first (re-ranking calls it for every candidate key); f16 → f32 conversion of
 //! rows (values read out, list mean values); the weighted sum of attended value rows (AVX-512
-//! where the CPU has it, else AVX2); the code block scans (4-bit codes two dimensions per `pmaddwd`, 3-bit
-//! residual codes with AVX2 or, where the CPU has it, AVX-512 VNNI); and the bit masks of
-//! `linalg::top_k_indices`.
+//! where the CPU has it, else AVX2); the code block scans (4-bit codes two dimensions per
+//! `pmaddwd`, 3-bit residual codes with AVX2, for up to two queries per decoding, or, where the
+//! CPU has it, AVX-512 VNNI); and the bit masks of `linalg::top_k_indices`.
 
 /// `Σ k_i · q_i` with `k` given as little-endian f16 bytes (`2 · q.len()` of them).
 #[inline]
@@ -757,6 +757,37 @@ fn weighted_rows_avx2(_weights: &[f32], _rows: &[&[u8]], _out: &mut [f32], _ahea
     false
 }
 
+/// Which kernels the hot paths run on this CPU, in words: the fast paths depend on features
+/// checked at run time, and a machine without them is silently slower (`strata bench decode`
+/// prints this).
+pub fn kernels() -> String {
+    let avx2 = cfg!(all(
+        target_arch = "x86_64",
+        target_feature = "avx2",
+        target_feature = "fma",
+        target_feature = "f16c"
+    ));
+    #[cfg(target_arch = "x86_64")]
+    let avx512 = is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx512 = false;
+    let scan = if split3_vnni_available() {
+        "AVX-512 VNNI, one query per decoding"
+    } else if avx2 {
+        "AVX2, two queries per decoding"
+    } else {
+        "portable"
+    };
+    let gather = if avx512 {
+        "AVX-512 (64/128/256 dims), else portable"
+    } else if avx2 {
+        "AVX2 (multiples of 64 dims), else portable"
+    } else {
+        "portable"
+    };
+    format!("3-bit code scan {scan}; value gather {gather}")
+}
+
 /// Whether this CPU runs [`score_split3_block_vnni`]: AVX-512 with VNNI (`vpdpbusd`, four u8 ×
 /// i8 products summed per lane) and VBMI (`vpermb`, the byte transpose). Checked at run time,
 /// since the build targets x86-64-v3 (AVX2) and the kernel must not run elsewhere.
@@ -974,6 +1005,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_kernel_report_names_what_runs() {
+        let k = kernels();
+        assert_eq!(k.contains("VNNI"), split3_vnni_available(), "{k}");
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(
+            k.contains("gather AVX-512"),
+            is_x86_feature_detected!("avx512f"),
+            "{k}"
+        );
+    }
+
+    #[test]
     fn weighted_f16_rows_match_the_plain_sums() {
         for dim in [64usize, 128, 256, 96] {
             let n = 37;
@@ -998,7 +1041,13 @@ mod tests {
             let mut got = vec![0.5f32; dim];
             if !add_weighted_f16_rows(&weights, &refs, &mut got, 8) {
                 assert!(
-                    dim == 96 || !cfg!(target_arch = "x86_64"),
+                    dim == 96
+                        || !cfg!(all(
+                            target_arch = "x86_64",
+                            target_feature = "avx2",
+                            target_feature = "fma",
+                            target_feature = "f16c"
+                        )),
                     "dim {dim}: no kernel on an x86-64-v3 CPU"
                 );
                 assert!(

@@ -573,6 +573,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         engine_params.ram_budget_bytes >> 20,
         engine_params.ram_cache_bytes >> 20
     );
+    let kernels = strata_index::simd::kernels();
+    println!("  kernels: {kernels}");
     let mut results = Vec::new();
     for &tokens in &sizes {
         let search = SearchParams {
@@ -682,7 +684,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if let Some(path) = &args.json {
         let v = serde_json::json!({
             "search_params": search, "build_params": build, "engine_params": engine_params,
-            "layers": args.layers, "results": results,
+            "layers": args.layers, "kernels": kernels, "results": results,
         });
         strata_storage::durable::atomic_write(path, &serde_json::to_vec_pretty(&v)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
