@@ -461,19 +461,24 @@ mod tests {
         );
     }
 
+    /// Pseudo-random values in [-0.5, 0.5), the same for the same seed.
+    fn uniform(seed: u64) -> impl FnMut() -> f32 {
+        let mut x = seed;
+        move || {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        }
+    }
+
     #[test]
     fn the_vnni_kernel_sums_what_the_avx2_kernel_sums() {
         if !crate::simd::split3_vnni_available() {
             println!("skipped: this CPU lacks AVX-512 VNNI/VBMI, so the kernel never runs here");
             return;
         }
-        let mut x = 7u64;
-        let mut next = || {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((x >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-        };
+        let mut next = uniform(7);
         for dim in [32, 64, 96, 128, 256] {
             let keys: Vec<f32> = (0..dim * CODE_BLOCK).map(|_| next() * 4.0).collect();
             let q: Vec<f32> = (0..dim).map(|_| next() * 3.0).collect();
@@ -495,13 +500,7 @@ mod tests {
 
     #[test]
     fn the_shared_kernel_gives_each_query_its_own_scores() {
-        let mut x = 11u64;
-        let mut next = || {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((x >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-        };
+        let mut next = uniform(11);
         for dim in [32, 36, 64, 96, 128, 256] {
             let keys: Vec<f32> = (0..dim * CODE_BLOCK).map(|_| next() * 4.0).collect();
             let sq = ScalarQuantizer::fit(&keys, dim, 3);
