@@ -4,7 +4,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use std::hint::black_box;
-use strata_index::codes::{ScalarQuantizer, CODE_BLOCK};
+use strata_index::codes::{CodeQuery, ScalarQuantizer, CODE_BLOCK};
 use strata_index::linalg::{dot_rows, f16_bytes_to_f32, top_k_indices};
 
 fn keys_and_query() -> (Vec<f32>, Vec<f32>, usize) {
@@ -104,7 +104,7 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 let mut best = f32::MIN;
                 for block in codes.chunks_exact(sq.block_bytes()) {
-                    qs[0].score_blocks_shared(&with_bases, black_box(block), &mut out);
+                    CodeQuery::score_blocks(&with_bases, black_box(block), &mut out);
                     best = out.iter().flatten().fold(best, |m, &v| m.max(v));
                 }
                 black_box(best)

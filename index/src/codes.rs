@@ -254,7 +254,7 @@ impl ScalarQuantizer {
     }
 }
 
-/// The most queries [`CodeQuery::score_blocks_shared`] scores per decoding of a block: with
+/// The most queries [`CodeQuery::score_blocks`] scores per decoding of a block: with
 /// more, their sums no longer fit in AVX2's sixteen registers (three or four at once were
 /// slower than two then one or two, `cargo bench -p strata-index --bench search`).
 pub const SHARED_SCAN_QUERIES: usize = 2;
@@ -333,10 +333,28 @@ impl CodeQuery {
     /// codes, the score of the list's centroid; 0 for key codes).
     #[inline]
     pub fn score_block(&self, block: &[u8], base: f32, out: &mut [f32; CODE_BLOCK]) {
-        if self.score_blocks_shared(&[(self, base)], block, std::slice::from_mut(out)) {
-            return;
+        Self::score_blocks(&[(self, base)], block, std::slice::from_mut(out));
+    }
+
+    /// [`CodeQuery::score_block`] for several queries with their bases (`out[i]` for
+    /// `queries[i]`, as many of each; the queries codes of one quantiser). Where the shared
+    /// AVX2 kernel applies it decodes the block once for up to [`SHARED_SCAN_QUERIES`] of them
+    /// at a time; elsewhere each query is scored alone. The scores are the same either way.
+    pub fn score_blocks(
+        queries: &[(&CodeQuery, f32)],
+        block: &[u8],
+        out: &mut [[f32; CODE_BLOCK]],
+    ) {
+        if !Self::score_blocks_shared(queries, block, out) {
+            for (&(q, base), o) in queries.iter().zip(out.iter_mut()) {
+                q.score_block_alone(block, base, o);
+            }
         }
-        let bias = self.bias + base;
+    }
+
+    /// `score_block` without the shared kernel: AVX-512 VNNI or the one-query AVX2 kernel for
+    /// 3-bit codes, the nibble kernel for 4-bit ones, the plane scans otherwise.
+    fn score_block_alone(&self, block: &[u8], base: f32, out: &mut [f32; CODE_BLOCK]) {
         let fast = match self.bits {
             4 => crate::simd::score_nibble_block(block, &self.nibble_pairs),
             // The low plane's pair weights are the 3-bit codes' own (the high bit weighs 4×
@@ -348,9 +366,7 @@ impl CodeQuery {
             _ => None,
         };
         if let Some(acc) = fast {
-            for i in 0..CODE_BLOCK {
-                out[i] = bias + acc[i] as f32 * self.unit;
-            }
+            self.scores_from_sums(base, &acc, out);
             return;
         }
         let mut acc = [0i32; CODE_BLOCK];
@@ -361,23 +377,30 @@ impl CodeQuery {
                 self.add_plane_scalar(block, plane, &mut acc);
             }
         }
+        self.scores_from_sums(base, &acc, out);
+    }
+
+    /// The scores of a block from its integer sums, plus `base`.
+    #[inline]
+    fn scores_from_sums(&self, base: f32, acc: &[i32; CODE_BLOCK], out: &mut [f32; CODE_BLOCK]) {
+        let bias = self.bias + base;
         for i in 0..CODE_BLOCK {
             out[i] = bias + acc[i] as f32 * self.unit;
         }
     }
 
-    /// [`CodeQuery::score_block`] for several queries with their bases (`out[i]` for
-    /// `queries[i]`, as many of each), decoding the block once for up to
-    /// [`SHARED_SCAN_QUERIES`] of them at a time where the shared AVX2 kernel applies; the
-    /// scores are those `score_block` gives. Called on any one of the queries, all 3-bit codes
-    /// of the same quantiser.
-    pub fn score_blocks_shared(
-        &self,
+    /// The shared AVX2 kernel's part of [`CodeQuery::score_blocks`]: false, having written
+    /// nothing, where it does not apply (other code widths, a CPU with VNNI, an odd count of
+    /// low-plane bytes, queries of different shapes).
+    fn score_blocks_shared(
         queries: &[(&CodeQuery, f32)],
         block: &[u8],
         out: &mut [[f32; CODE_BLOCK]],
     ) -> bool {
-        let low = self.planes[0].1;
+        let Some(&(first_query, _)) = queries.first() else {
+            return true;
+        };
+        let low = first_query.planes[0].1;
         if queries.len() != out.len()
             || queries
                 .iter()
@@ -399,10 +422,7 @@ impl CodeQuery {
                 return false;
             }
             for ((&(q, base), o), a) in qs.iter().zip(outs.iter_mut()).zip(&acc) {
-                let bias = q.bias + base;
-                for i in 0..CODE_BLOCK {
-                    o[i] = bias + a[i] as f32 * q.unit;
-                }
+                q.scores_from_sums(base, a, o);
             }
         }
         true
@@ -532,7 +552,7 @@ mod tests {
                     .map(|(q, i)| (q, i as f32))
                     .collect();
                 let mut got = vec![[f32::NAN; CODE_BLOCK]; n];
-                let done = queries[0].score_blocks_shared(&with_bases, &block, &mut got);
+                let done = CodeQuery::score_blocks_shared(&with_bases, &block, &mut got);
                 assert_eq!(done, applies, "dim {dim}, {n} queries");
                 if done {
                     assert_eq!(got, portable[..n], "dim {dim}, {n} queries");

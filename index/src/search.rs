@@ -994,7 +994,7 @@ impl Index {
             let first_block = block_start[l] as usize;
             let block_of = |b: usize| &codes[(first_block + b) * block_bytes..][..block_bytes];
             // The queries probing this list, a few at a time: each block is decoded once for
-            // all of them (`CodeQuery::score_blocks_shared`), then each query's scores and the
+            // all of them (`CodeQuery::score_blocks`), then each query's scores and the
             // members' tokens go to its slots.
             for items in run.chunks(SHARED_SCAN_QUERIES) {
                 let owner = |item: u64| {
@@ -1013,12 +1013,7 @@ impl Index {
                     for (b, _) in scanned_chunks(members, sorted, window_start).enumerate() {
                         let at = scored.len();
                         scored.resize(at + m, [0f32; CODE_BLOCK]);
-                        let out = &mut scored[at..];
-                        if !queries[0].0.score_blocks_shared(queries, block_of(b), out) {
-                            for (o, &(cq, base)) in out.iter_mut().zip(queries) {
-                                cq.score_block(block_of(b), base, o);
-                            }
-                        }
+                        CodeQuery::score_blocks(queries, block_of(b), &mut scored[at..]);
                     }
                 }
                 for (i, &item) in items.iter().enumerate() {
