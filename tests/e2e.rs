@@ -548,6 +548,61 @@ fn inconsistent_manifests_are_refused_at_open() {
     assert!(e.contains("past the head"), "{e}");
 }
 
+/// A list whose bytes pass their CRC but disagree with the manifest (here the manifest's
+/// order of a list's primary members is not the list's) is refused when it is read, and never
+/// enters the RAM tier: searches lay out cached lists from the manifest without checking them
+/// again, so a list that entered unchecked would give a candidate another token's key.
+#[test]
+fn a_list_that_disagrees_with_the_manifest_is_refused_when_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some((dump, dir)) = fixture(tmp.path()) else {
+        return;
+    };
+    let mut m = strata_index::manifest::MappedManifest::open(&dir)
+        .unwrap()
+        .to_owned()
+        .unwrap();
+    let head = &mut m.heads[0];
+    let (a, b) = (
+        head.primary_start[0] as usize,
+        head.primary_start[1] as usize,
+    );
+    assert!(b - a >= 2, "list 0 has {} primary members", b - a);
+    head.primary_tokens.swap(a, a + 1);
+    let (first, second) = (head.primary_tokens[a], head.primary_tokens[a + 1]);
+    std::fs::write(
+        dir.join("index.strata"),
+        strata_index::manifest::encode(&m).unwrap(),
+    )
+    .unwrap();
+    let cache = Arc::new(RamCache::new(64 << 20));
+    let index = Index::open(&dir, ReaderPreference::Auto, cache.clone()).unwrap();
+    let params = SearchParams {
+        budget: 1.0,
+        probe_fraction: 1.0,
+        ..Default::default()
+    };
+    let p = dump.query_positions[dump.query_positions.len() - 1];
+    let q = dump.queries.row(0, 0, 0);
+    // Twice: a refused list that had entered the RAM tier would be served unchecked the second
+    // time.
+    for attempt in 0..2 {
+        let e = index
+            .search(0, 0, q, p, &params)
+            .map(|_| ())
+            .expect_err("the list disagrees with the manifest")
+            .to_string();
+        assert!(
+            e.contains("list 0")
+                && e.contains(".seg")
+                && e.contains(&format!("holds token {second}, the manifest says {first}")),
+            "attempt {attempt}: {e}"
+        );
+    }
+    // The second attempt read it from the segment again: the refused list is not in the tier.
+    assert_eq!(cache.stats().insertions, 0);
+}
+
 #[test]
 fn failed_build_leaves_nothing_behind_and_existing_index_is_kept() {
     let tmp = tempfile::tempdir().unwrap();

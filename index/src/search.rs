@@ -608,13 +608,13 @@ impl Index {
         if plans.is_empty() {
             return Ok(outs.into_iter().flatten().collect());
         }
-        let union = lists_needed(plans.iter().map(|(_, p)| &**p));
         let head = self.head(layer_slot, kv_head)?;
+        let union = lists_needed(plans.iter().map(|(_, p)| &**p), head.lists.len());
         let io_started = Instant::now();
         let mut io_stats = SearchStats::default();
-        let bufs = self.fetch_lists(head, &union, &mut io_stats)?;
-        // Each list is checked and parsed once for the whole group (counted as I/O time).
-        let views = self.parse_views(head, &bufs, &union)?;
+        let bufs = self.fetch_lists(head, &union.ids, &mut io_stats)?;
+        // Each list is laid out once for the whole group (counted as I/O time).
+        let views = self.parse_views(head, &bufs, &union.ids)?;
         io_stats.io_ns = io_started.elapsed().as_nanos() as u64;
         if let Some((_, p)) = plans.first_mut() {
             p.stats.io_ns = io_stats.io_ns;
@@ -691,9 +691,9 @@ impl Index {
                 PlanOutcome::Done(_) => None,
             })
             .collect();
-        let union = lists_needed(plans.iter().map(|p| &**p));
+        let head = self.head(layer_slot, kv_head)?;
+        let union = lists_needed(plans.iter().map(|p| &**p), head.lists.len()).ids;
         if !union.is_empty() {
-            let head = self.head(layer_slot, kv_head)?;
             self.fetch_lists(head, &union, &mut SearchStats::default())?;
         }
         Ok(union.len())
@@ -1109,8 +1109,8 @@ impl Index {
             }
             let bi = run.1;
             // A slot's offset in its list's run is its row: its rank among the list's primary
-            // members, which the list stores first and in the manifest's order (`parse_views`
-            // checked every one).
+            // members, which the list stores first and in the manifest's order (`fetch_lists`
+            // checked every one when it read the list).
             let r = (ci - probe.first_slot) as usize;
             if r >= views[bi].len() {
                 return Err(IndexError::Open {
@@ -1313,7 +1313,9 @@ impl Index {
         Ok(out)
     }
 
-    /// The lists read (`bufs[i]` holds list `ids[i]`), checked and parsed.
+    /// The lists read (`bufs[i]` holds list `ids[i]`) as views. Their contents were checked
+    /// when they were read from disk (`fetch_lists`), so a view is laid out from the manifest
+    /// alone: touching each list's header and ids again cost cache misses on every step.
     fn parse_views<'b>(
         &self,
         head: &ArchivedHeadManifest,
@@ -1323,38 +1325,29 @@ impl Index {
         let dim = head.dim.to_native() as usize;
         bufs.iter()
             .zip(ids)
-            .enumerate()
-            .map(|(i, (buf, &l))| {
-                // Each header (and the ids after it) is a cache miss of its own: ask for the
-                // next ones while this one is checked.
-                if let Some(ahead) = bufs.get(i + PREFETCH_LISTS_AHEAD) {
-                    // The header and the first 32 ids.
-                    crate::simd::prefetch(&ahead[..ahead.len().min(LIST_HEADER_BYTES + 128)]);
-                }
+            .map(|(buf, &l)| {
                 // `fetch_lists` refused any id past the head's lists.
-                let members = primary_members(head, l as usize);
-                parse_list(buf, l, dim)
-                    .and_then(|view| check_primary_members(&view, members).map(|()| view))
-                    .map_err(|problem| IndexError::Open {
-                        path: self.segments[head.segment.to_native() as usize]
-                            .path()
-                            .to_path_buf(),
-                        problem: format!("list {l}: {problem}"),
-                    })
+                let members = head.lists[l as usize].members.to_native() as usize;
+                ListView::laid_out(buf, members, dim).map_err(|problem| IndexError::Open {
+                    path: self.segments[head.segment.to_native() as usize]
+                        .path()
+                        .to_path_buf(),
+                    problem: format!("list {l}: {problem}"),
+                })
             })
             .collect()
     }
 
-    /// The views of `need` (in its order), from `views` of the ascending `read`.
+    /// The views of `need` (in its order), from `views` of the lists of `read`.
     fn views_of<'v>(
         &self,
         need: &[u32],
-        read: &[u32],
+        read: &ListUnion,
         views: &[ListView<'v>],
     ) -> IndexResult<Vec<ListView<'v>>> {
         need.iter()
-            .map(|l| match read.binary_search(l) {
-                Ok(i) if i < views.len() => Ok(views[i]),
+            .map(|&l| match read.index_of.get(l as usize) {
+                Some(&i) if (i as usize) < views.len() => Ok(views[i as usize]),
                 _ => Err(IndexError::Open {
                     path: self.dir.clone(),
                     problem: format!("list {l} was needed but not read"),
@@ -1438,6 +1431,13 @@ impl Index {
             for ((i, buf), loc) in missing.into_iter().zip(bufs).zip(&locs) {
                 stats.ssd_reads += 1;
                 stats.ssd_bytes += loc.padded_len as u64;
+                // Checked once here, before the RAM tier holds it: searches then lay out its
+                // views from the manifest without reading its header or ids (`parse_views`).
+                let l = ids[i];
+                check_list(&buf, head, l).map_err(|problem| IndexError::Open {
+                    path: seg.path().to_path_buf(),
+                    problem: format!("list {l}: {problem}"),
+                })?;
                 let buf = Arc::new(buf);
                 self.cache.insert(
                     CacheKey {
@@ -1510,11 +1510,36 @@ fn lies_between_statics((first, last): (u32, u32), members: usize, edges: (usize
 }
 
 /// The lists any of `plans` needs, ascending and once each: what a group search reads.
-fn lists_needed<'p, 'a: 'p>(plans: impl Iterator<Item = &'p Planned<'a>>) -> Vec<u32> {
-    let mut union: Vec<u32> = plans.flat_map(|p| p.need.iter().copied()).collect();
-    union.sort_unstable();
-    union.dedup();
-    union
+fn lists_needed<'p, 'a: 'p>(
+    plans: impl Iterator<Item = &'p Planned<'a>>,
+    lists: usize,
+) -> ListUnion {
+    // Marked in a table of the head's lists, then read off in ascending order: cheaper than
+    // sorting the group's needs (about 720 at 128K), and the table then finds each need's
+    // place in the union in one load instead of a binary search.
+    let mut index_of = vec![u32::MAX; lists];
+    for p in plans {
+        for &l in &p.need {
+            if let Some(at) = index_of.get_mut(l as usize) {
+                *at = 0;
+            }
+        }
+    }
+    let mut ids = Vec::new();
+    for (l, at) in index_of.iter_mut().enumerate() {
+        if *at == 0 {
+            *at = ids.len() as u32;
+            ids.push(l as u32);
+        }
+    }
+    ListUnion { ids, index_of }
+}
+
+/// The lists a group's queries need, once each and ascending (`ids`), and each list's place
+/// among them (`index_of[list]`, `u32::MAX` for a list none needs).
+struct ListUnion {
+    ids: Vec<u32>,
+    index_of: Vec<u32>,
 }
 
 /// What the remainder estimate needs to know about one search.
@@ -1686,10 +1711,6 @@ impl LazySort {
         }
     }
 }
-
-/// How many lists ahead re-ranking prefetches list headers while it checks them. Not tuned: the
-/// 184 headers of a 128K query head took 14–25 µs to check without it, about one miss each.
-const PREFETCH_LISTS_AHEAD: usize = 4;
 
 /// How many rows ahead re-ranking and the value gather prefetch: enough to cover a DRAM miss
 /// with the arithmetic of the rows in between (measured in `strata bench decode`).
@@ -2057,6 +2078,26 @@ pub struct ListView<'a> {
 }
 
 impl<'a> ListView<'a> {
+    /// The view of a list of `members` rows of `dim` dimensions, from its layout alone (the
+    /// header is not read): for lists whose header was checked when they were read.
+    fn laid_out(buf: &'a [u8], members: usize, dim: usize) -> Result<Self, String> {
+        let ids_end = LIST_HEADER_BYTES + 4 * members;
+        let keys_end = ids_end + members * dim * 2;
+        let values_end = keys_end + members * dim * 2;
+        if buf.len() < values_end {
+            return Err(format!(
+                "{} bytes, {members} members need {values_end}",
+                buf.len()
+            ));
+        }
+        Ok(ListView {
+            ids: &buf[LIST_HEADER_BYTES..ids_end],
+            keys: &buf[ids_end..keys_end],
+            values: &buf[keys_end..values_end],
+            row_bytes: dim * 2,
+        })
+    }
+
     pub fn len(&self) -> usize {
         self.ids.len() / 4
     }
@@ -2106,6 +2147,21 @@ fn check_primary_members(view: &ListView<'_>, members: &[u32]) -> Result<(), Str
         )),
         None => Ok(()),
     }
+}
+
+/// Checks a list read from disk against the manifest: its header (magic, id, dimension, the
+/// member count the manifest gives) and its primary members, stored first and in the
+/// manifest's order.
+fn check_list(buf: &[u8], head: &ArchivedHeadManifest, l: u32) -> Result<(), String> {
+    let view = parse_list(buf, l, head.dim.to_native() as usize)?;
+    let members = head.lists[l as usize].members.to_native() as usize;
+    if view.len() != members {
+        return Err(format!(
+            "{} members, the manifest says {members}",
+            view.len()
+        ));
+    }
+    check_primary_members(&view, primary_members(head, l as usize))
 }
 
 /// Splits a posting list, checking its header against what the manifest says it is.
