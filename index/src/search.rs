@@ -1515,7 +1515,7 @@ fn lists_needed<'p, 'a: 'p>(
     lists: usize,
 ) -> ListUnion {
     // Marked in a table of the head's lists, then read off in ascending order: cheaper than
-    // sorting the group's needs (about 720 at 128K), and the table then finds each need's
+    // sorting the group's needs (several hundred at 128K), and the table then finds each need's
     // place in the union in one load instead of a binary search.
     let mut index_of = vec![u32::MAX; lists];
     for p in plans {
@@ -2085,7 +2085,8 @@ pub struct ListView<'a> {
 
 impl<'a> ListView<'a> {
     /// The view of a list of `members` rows of `dim` dimensions, from its layout alone (the
-    /// header is not read): for lists whose header was checked when they were read.
+    /// header is not read): for lists whose header was checked when they were read, and for
+    /// `parse_list` once it has checked one.
     fn laid_out(buf: &'a [u8], members: usize, dim: usize) -> Result<Self, String> {
         let ids_end = LIST_HEADER_BYTES + 4 * members;
         let keys_end = ids_end + members * dim * 2;
@@ -2183,28 +2184,13 @@ pub fn parse_list(buf: &[u8], list_id: u32, dim: usize) -> Result<ListView<'_>, 
     if word(1) != list_id {
         return Err(format!("header names list {}, expected {list_id}", word(1)));
     }
-    let n = word(2) as usize;
     if word(3) as usize != dim {
         return Err(format!(
             "header dim {} differs from the index's {dim}",
             word(3)
         ));
     }
-    let ids_end = LIST_HEADER_BYTES + 4 * n;
-    let keys_end = ids_end + n * dim * 2;
-    let values_end = keys_end + n * dim * 2;
-    if buf.len() < values_end {
-        return Err(format!(
-            "{} bytes, {n} members need {values_end}",
-            buf.len()
-        ));
-    }
-    Ok(ListView {
-        ids: &buf[LIST_HEADER_BYTES..ids_end],
-        keys: &buf[ids_end..keys_end],
-        values: &buf[keys_end..values_end],
-        row_bytes: dim * 2,
-    })
+    ListView::laid_out(buf, word(2) as usize, dim)
 }
 
 /// Structural checks of one head's manifest entry (lengths agree, lists inside the segment, the
