@@ -757,30 +757,35 @@ fn weighted_rows_avx2(_weights: &[f32], _rows: &[&[u8]], _out: &mut [f32], _ahea
     false
 }
 
+/// Whether this build has [`score_split3_blocks`] (it needs AVX2 only).
+const SHARED_SCAN_KERNEL: bool = cfg!(all(target_arch = "x86_64", target_feature = "avx2"));
+
+/// Whether this build has `weighted_rows_avx2` (AVX2, FMA and F16C).
+const AVX2_GATHER_KERNEL: bool = cfg!(all(
+    target_arch = "x86_64",
+    target_feature = "avx2",
+    target_feature = "fma",
+    target_feature = "f16c"
+));
+
 /// Which kernels the hot paths run on this CPU, in words: the fast paths depend on features
 /// checked at run time, and a machine without them is silently slower (`strata bench decode`
 /// prints this).
 pub fn kernels() -> String {
-    let avx2 = cfg!(all(
-        target_arch = "x86_64",
-        target_feature = "avx2",
-        target_feature = "fma",
-        target_feature = "f16c"
-    ));
     #[cfg(target_arch = "x86_64")]
     let avx512 = is_x86_feature_detected!("avx512f");
     #[cfg(not(target_arch = "x86_64"))]
     let avx512 = false;
     let scan = if split3_vnni_available() {
         "AVX-512 VNNI, one query per decoding"
-    } else if avx2 {
+    } else if SHARED_SCAN_KERNEL {
         "AVX2, two queries per decoding"
     } else {
         "portable"
     };
     let gather = if avx512 {
         "AVX-512 (64/128/256 dims), else portable"
-    } else if avx2 {
+    } else if AVX2_GATHER_KERNEL {
         "AVX2 (multiples of 64 dims), else portable"
     } else {
         "portable"
@@ -1041,13 +1046,7 @@ mod tests {
             let mut got = vec![0.5f32; dim];
             if !add_weighted_f16_rows(&weights, &refs, &mut got, 8) {
                 assert!(
-                    dim == 96
-                        || !cfg!(all(
-                            target_arch = "x86_64",
-                            target_feature = "avx2",
-                            target_feature = "fma",
-                            target_feature = "f16c"
-                        )),
+                    dim == 96 || !AVX2_GATHER_KERNEL,
                     "dim {dim}: no kernel on an x86-64-v3 CPU"
                 );
                 assert!(
