@@ -19,6 +19,13 @@ pub const CODE_BLOCK: usize = 16;
 /// adds the list's centroid score.
 pub const RESIDUAL_CODE_BITS: u32 = 3;
 
+/// Largest rounded weight of a 3-bit (residual) query: an i8, so that the AVX2 kernel multiplies
+/// 32 code-weight pairs per `pmaddubsw` (`simd::score_split3_blocks`). The rounding error is
+/// folded into the bias at each dimension's zero-residual code (`ScalarQuantizer::query`); with
+/// it, `strata eval` per-head error moved from 0.03612 to 0.03609 (SmolLM2) and 0.08033 to
+/// 0.08017 (Gemma-3) against i16 weights (docs/BENCHMARKS.md, sixteenth session).
+pub const I8_WEIGHT_MAX: i32 = 127;
+
 /// Key code widths a quantiser packs.
 pub const CODE_BITS: [u32; 5] = [1, 2, 3, 4, 8];
 
@@ -181,7 +188,11 @@ impl ScalarQuantizer {
         let wmax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
         // The largest rounded weight, so that its multiple in any plane (the high plane of
         // 3-bit codes weighs 4×) still fits an i16.
-        let top = (i16::MAX as f32 / planes[1].3.max(1.0)).floor();
+        let top = if self.bits == RESIDUAL_CODE_BITS {
+            I8_WEIGHT_MAX as f32
+        } else {
+            (i16::MAX as f32 / planes[1].3.max(1.0)).floor()
+        };
         // The integer sum |Σ code·w/unit| is at most levels · Σ|w|/unit, which must fit an i32:
         // the largest weight maps to `top` unless that bound says otherwise (8-bit codes
         // beyond 257 dimensions; 4-bit beyond 4,369), then the unit grows to fit.
@@ -202,7 +213,23 @@ impl ScalarQuantizer {
                 weights[8 * at + (d % cpb) * n + d / cpb] = (scale * (wd / unit).round()) as i16;
             }
         }
-        let bias = q.iter().zip(&self.lo).map(|(a, b)| a * b).sum();
+        let mut bias: f32 = q.iter().zip(&self.lo).map(|(a, b)| a * b).sum();
+        if self.bits == RESIDUAL_CODE_BITS && wmax > 0.0 {
+            // Coarse weights: a residual code's value sits near the code of a zero residual,
+            // so the rounding error of each weight times that code is folded into the bias.
+            bias += w
+                .iter()
+                .zip(self.lo.iter().zip(&self.step))
+                .map(|(&wd, (&lo, &st))| {
+                    let centre = if st > 0.0 {
+                        (-lo / st).clamp(0.0, levels)
+                    } else {
+                        0.0
+                    };
+                    (wd - (wd / unit).round() * unit) * centre
+                })
+                .sum::<f32>();
+        }
         let nibble_pairs = if self.bits == 4 {
             (0..nbytes)
                 .map(|k| {
@@ -236,7 +263,7 @@ impl ScalarQuantizer {
         };
         // Elsewhere, the shared AVX2 kernel's weights, from the low plane's pairs.
         let split3_pair_rows = if self.bits == 3 && split3_vnni.is_empty() {
-            crate::simd::split3_pair_row_weights(&plane_pairs[0], planes[0].1)
+            crate::simd::split3_pair_i8_weights(&plane_pairs[0], planes[0].1)
         } else {
             Vec::new()
         };
@@ -254,10 +281,11 @@ impl ScalarQuantizer {
     }
 }
 
-/// The most queries [`CodeQuery::score_blocks`] scores per decoding of a block: with
-/// more, their sums no longer fit in AVX2's sixteen registers (three or four at once were
-/// slower than two then one or two, `cargo bench -p strata-index --bench search`).
-pub const SHARED_SCAN_QUERIES: usize = 2;
+/// The most queries [`CodeQuery::score_blocks`] scores per decoding of a block: a whole GQA
+/// group of four. With i8 weights each query needs two i16 sums (before, i32 sums took four
+/// registers a query and two were the most that fitted); on the criterion bench four queries
+/// take 16-19 µs per 2,048 keys against 30 µs as two passes of two.
+pub const SHARED_SCAN_QUERIES: usize = 4;
 
 /// The first `N` of an array of sums, as an array.
 fn first<const N: usize>(
@@ -284,7 +312,7 @@ pub struct CodeQuery {
     split3_vnni: Vec<i32>,
     /// For 3-bit codes elsewhere (AVX2): the weights of `simd::score_split3_blocks`, which
     /// decodes a block once for several queries (empty where it does not apply).
-    split3_pair_rows: Vec<i32>,
+    split3_pair_rows: Vec<i8>,
     unit: f32,
     bias: f32,
 }
@@ -416,7 +444,21 @@ impl CodeQuery {
             let mut acc = [[0i32; CODE_BLOCK]; SHARED_SCAN_QUERIES];
             let done = match qs.len() {
                 1 => crate::simd::score_split3_blocks::<1>(block, low, [w(0)], first(&mut acc)),
-                _ => crate::simd::score_split3_blocks::<2>(block, low, [w(0), w(1)], &mut acc),
+                2 => {
+                    crate::simd::score_split3_blocks::<2>(block, low, [w(0), w(1)], first(&mut acc))
+                }
+                3 => crate::simd::score_split3_blocks::<3>(
+                    block,
+                    low,
+                    [w(0), w(1), w(2)],
+                    first(&mut acc),
+                ),
+                _ => crate::simd::score_split3_blocks::<4>(
+                    block,
+                    low,
+                    [w(0), w(1), w(2), w(3)],
+                    first(&mut acc),
+                ),
             };
             if !done {
                 return false;
@@ -568,6 +610,41 @@ mod tests {
     }
 
     #[test]
+    fn the_shared_kernel_sums_the_largest_codes_and_weights_exactly() {
+        // Keys at 0 or 1 in every dimension give codes 0 or 7; a query of ±1 everywhere gives
+        // every dimension the largest weight. The i16 sums inside the AVX2 kernel must not
+        // overflow at the widest shape tried (dim 256: four runs of byte pairs).
+        for dim in [128, 256] {
+            let keys: Vec<f32> = (0..dim * CODE_BLOCK)
+                .map(|i| if (i / dim) % 5 == 3 { 0.0 } else { 1.0 })
+                .collect();
+            let sq = ScalarQuantizer::fit(&keys, dim, 3);
+            let rows: Vec<&[f32]> = keys.chunks_exact(dim).collect();
+            let mut block = Vec::new();
+            sq.encode_block(&rows, &mut block);
+            for sign in [1.0f32, -1.0] {
+                let q = sq.query(&vec![sign; dim]);
+                assert!(q.weights[..q.planes[0].1].iter().all(|&w| w.abs() == 127));
+                let mut portable = [0i32; CODE_BLOCK];
+                for plane in q.planes.iter().filter(|p| p.1 > 0) {
+                    q.add_plane_scalar(&block, plane, &mut portable);
+                }
+                assert_eq!(portable[0], sign as i32 * 127 * 7 * dim as i32);
+                let want: Vec<f32> = portable
+                    .iter()
+                    .map(|&a| q.bias + a as f32 * q.unit)
+                    .collect();
+                let queries = [(&q, 0.0), (&q, 0.0), (&q, 0.0), (&q, 0.0)];
+                let mut got = [[f32::NAN; CODE_BLOCK]; 4];
+                CodeQuery::score_blocks(&queries, &block, &mut got);
+                for g in got {
+                    assert_eq!(g.to_vec(), want, "dim {dim}, sign {sign}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn a_quantiser_of_no_dimensions_is_empty() {
         let sq = ScalarQuantizer::fit(&[1.0, 2.0], 0, 8);
         assert!(sq.lo.is_empty() && sq.step.is_empty());
@@ -595,7 +672,14 @@ mod tests {
                 for d in 0..dim { prop_assert!((dec[d] - row[d]).abs() <= sq.step[d] * 0.5 + 1e-4); }
                 let exact: f32 = dec.iter().zip(&q).map(|(a, b)| a * b).sum();
                 let wsum: f32 = q.iter().zip(&sq.step).map(|(a, s)| (a * s).abs()).sum::<f32>() * ((1u32 << bits) - 1) as f32;
-                prop_assert!((cq.score(&code) - exact).abs() <= 1e-3 * (1.0 + exact.abs()) + wsum * 1e-4);
+                // 3-bit queries round their weights to i8 (`I8_WEIGHT_MAX`): each dimension's
+                // weight may be off by half a unit, times a code of at most 7 from the centre.
+                let rounding = if bits == RESIDUAL_CODE_BITS {
+                    0.5 * cq.unit * ((1u32 << bits) - 1) as f32 * dim as f32
+                } else {
+                    wsum * 1e-4
+                };
+                prop_assert!((cq.score(&code) - exact).abs() <= 1e-3 * (1.0 + exact.abs()) + rounding);
             }
             // Blocked layout scores the same as one code at a time.
             let rows: Vec<&[f32]> = keys.chunks_exact(dim).take(CODE_BLOCK - 3).collect();

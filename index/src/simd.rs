@@ -3,8 +3,8 @@
 //! into a buffer first (re-ranking calls it for every candidate key); f16 → f32 conversion of
 //! rows (values read out, list mean values); the weighted sum of attended value rows (AVX-512
 //! where the CPU has it, else AVX2); the code block scans (4-bit codes two dimensions per
-//! `pmaddwd`, 3-bit residual codes with AVX2, for up to two queries per decoding, or, where the
-//! CPU has it, AVX-512 VNNI); and the bit masks of `linalg::top_k_indices`.
+//! `pmaddwd`, 3-bit residual codes with AVX2 `pmaddubsw`, for up to four queries per decoding,
+//! or, where the CPU has it, AVX-512 VNNI); and the bit masks of `linalg::top_k_indices`.
 
 /// `Σ k_i · q_i` with `k` given as little-endian f16 bytes (`2 · q.len()` of them).
 #[inline]
@@ -318,108 +318,129 @@ pub fn score_split3_block(_block: &[u8], _low: usize, _pairs: &[i32]) -> Option<
 }
 
 /// The weights [`score_split3_blocks`] takes, from [`score_split3_block`]'s `pairs` (`2 · low`
-/// of them): per pair of low-plane bytes `(2j, 2j + 1)` and slot pair `p`, eight i32, the first
-/// four `pairs[4j + p]` (byte 2j) and the last four `pairs[4j + 2 + p]` (byte 2j + 1), so that one
-/// 256-bit load gives each 128-bit lane the weights of the byte it decodes. Empty when `low` is
-/// odd (the kernel decodes two bytes at a time).
-pub fn split3_pair_row_weights(pairs: &[i32], low: usize) -> Vec<i32> {
+/// of them, each two i16 weights): per pair of low-plane bytes `(2j, 2j + 1)` and slot pair
+/// `p`, 32 i8, the first 16 the weights of slots `2p` and `2p + 1` of byte 2j repeated eight
+/// times, the last 16 those of byte 2j + 1, so that one 256-bit load gives each 128-bit lane the
+/// weights of the byte it decodes. Empty when `low` is odd (the kernel decodes two bytes at a
+/// time) or a weight does not fit an i8 (`codes::I8_WEIGHT_MAX` keeps 3-bit queries within it).
+pub fn split3_pair_i8_weights(pairs: &[i32], low: usize) -> Vec<i8> {
     if !low.is_multiple_of(2) || pairs.len() != 2 * low {
         return Vec::new();
     }
-    let mut out = Vec::with_capacity(8 * low);
+    let halves = |pair: i32| -> Option<[i8; 2]> {
+        let lo = i8::try_from(pair as i16).ok()?;
+        let hi = i8::try_from((pair >> 16) as i16).ok()?;
+        Some([lo, hi])
+    };
+    let mut out = Vec::with_capacity(32 * low);
     for j in 0..low / 2 {
         for p in 0..2 {
-            out.extend([pairs[4 * j + p]; 4]);
-            out.extend([pairs[4 * j + 2 + p]; 4]);
+            for byte in [2 * j, 2 * j + 1] {
+                let Some(w) = halves(pairs[2 * byte + p]) else {
+                    return Vec::new();
+                };
+                for _ in 0..8 {
+                    out.extend(w);
+                }
+            }
         }
     }
     out
 }
 
+/// Pairs of low-plane bytes [`score_split3_blocks`] sums in i16 before widening: each adds at
+/// most 2 slot pairs × 2 × 7 × 128 = 3,584 to a lane, and 9 of them would pass `i16::MAX`.
+const SPLIT3_I16_RUN: usize = 8;
+
 /// [`score_split3_block`] for `Q` queries at once, the same integer sums: two low-plane bytes
 /// (32 keys' worth) are decoded per 256-bit register, one per 128-bit lane, and each decoded
-/// pair of dimensions is multiplied by every query's weights ([`split3_pair_row_weights`]), so
-/// the decoding, most of the kernel's instructions, is shared by the queries of a GQA group
-/// that probe the same list. false, having done nothing, without AVX2 or where the shapes do
-/// not fit.
+/// pair of dimensions (codes 0-7, as u8) is multiplied by every query's i8 weights
+/// ([`split3_pair_i8_weights`]) with `pmaddubsw`, 32 products per instruction, summed in i16
+/// for [`SPLIT3_I16_RUN`] byte pairs, then widened. So the decoding is shared by the queries of
+/// a GQA group that probe the same list. false, having done nothing, without AVX2 or where the
+/// shapes do not fit.
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
 #[inline]
 pub fn score_split3_blocks<const Q: usize>(
     block: &[u8],
     low: usize,
-    weights: [&[i32]; Q],
+    weights: [&[i8]; Q],
     out: &mut [[i32; 16]; Q],
 ) -> bool {
     use std::arch::x86_64::*;
     if !low.is_multiple_of(2)
         || block.len() < 16 * (low + low / 2)
-        || weights.iter().any(|w| w.len() != 8 * low)
+        || weights.iter().any(|w| w.len() != 32 * low)
     {
         return false;
     }
     // SAFETY: the cfg guarantees AVX2 at compile time. Low bytes 2j and 2j + 1 are read at
     // [32j, 32j + 32) with j < low/2, their high byte at 16·(low + j), both inside `block`
-    // (checked above); weights are read at [8i, 8i + 8) with i < low, inside each query's
-    // 8·low (checked above). The stores write 4 i32 at [4r, 4r + 4), r < 4, of each `out[q]`,
-    // which holds 16. All loads and stores are unaligned.
+    // (checked above); weights are read at [32i, 32i + 32) with i = 2j + p < low, inside each
+    // query's 32·low (checked above). The stores write 8 i32 at [8h, 8h + 8), h < 2, of each
+    // `out[q]`, which holds 16. All loads and stores are unaligned.
     unsafe {
         let m3 = _mm256_set1_epi8(3);
         let m4 = _mm256_set1_epi8(4);
-        let zero = _mm256_setzero_si256();
-        let mut acc = [[_mm256_setzero_si256(); 4]; Q];
-        for j in 0..low / 2 {
-            let a = _mm256_loadu_si256(block.as_ptr().add(32 * j) as *const __m256i);
-            let b = _mm_loadu_si128(block.as_ptr().add(16 * (low + j)) as *const __m128i);
-            // Lane 0 decodes byte 2j, whose high bits are bits 0-3 of `b`; lane 1 byte 2j + 1,
-            // whose high bits are bits 4-7, moved down to 0-3.
-            let bb =
-                _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(b), _mm_srli_epi16::<4>(b));
-            // The 3-bit code of slot s: low bits 2s, 2s + 1 of `a`, high bit s of `bb` at bit 2.
-            let codes = [
-                _mm256_or_si256(
-                    _mm256_and_si256(a, m3),
-                    _mm256_and_si256(_mm256_slli_epi16::<2>(bb), m4),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<2>(a), m3),
-                    _mm256_and_si256(_mm256_slli_epi16::<1>(bb), m4),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(a), m3),
-                    _mm256_and_si256(bb, m4),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<6>(a), m3),
-                    _mm256_and_si256(_mm256_srli_epi16::<1>(bb), m4),
-                ),
-            ];
-            for p in 0..2 {
-                // Per key, the codes of slots 2p and 2p + 1 side by side, widened to i16:
-                // keys 0-3, 4-7, 8-11, 12-15 (of each lane's byte).
-                let lo = _mm256_unpacklo_epi8(codes[2 * p], codes[2 * p + 1]);
-                let hi = _mm256_unpackhi_epi8(codes[2 * p], codes[2 * p + 1]);
-                let x = [
-                    _mm256_unpacklo_epi8(lo, zero),
-                    _mm256_unpackhi_epi8(lo, zero),
-                    _mm256_unpacklo_epi8(hi, zero),
-                    _mm256_unpackhi_epi8(hi, zero),
+        // Per query, keys 0-7 and 8-15 in i32.
+        let mut wide = [[_mm256_setzero_si256(); 2]; Q];
+        for run in (0..low / 2).step_by(SPLIT3_I16_RUN) {
+            // Per query, keys 0-7 and 8-15 in i16, each 128-bit lane its own byte's sums.
+            let mut acc = [[_mm256_setzero_si256(); 2]; Q];
+            for j in run..(run + SPLIT3_I16_RUN).min(low / 2) {
+                let a = _mm256_loadu_si256(block.as_ptr().add(32 * j) as *const __m256i);
+                let b = _mm_loadu_si128(block.as_ptr().add(16 * (low + j)) as *const __m128i);
+                // Lane 0 decodes byte 2j, whose high bits are bits 0-3 of `b`; lane 1 byte
+                // 2j + 1, whose high bits are bits 4-7, moved down to 0-3.
+                let bb =
+                    _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(b), _mm_srli_epi16::<4>(b));
+                // The 3-bit code of slot s: low bits 2s, 2s + 1 of `a`, high bit s of `bb`.
+                let codes = [
+                    _mm256_or_si256(
+                        _mm256_and_si256(a, m3),
+                        _mm256_and_si256(_mm256_slli_epi16::<2>(bb), m4),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16::<2>(a), m3),
+                        _mm256_and_si256(_mm256_slli_epi16::<1>(bb), m4),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(a), m3),
+                        _mm256_and_si256(bb, m4),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16::<6>(a), m3),
+                        _mm256_and_si256(_mm256_srli_epi16::<1>(bb), m4),
+                    ),
                 ];
-                for (w, acc) in weights.iter().zip(acc.iter_mut()) {
-                    let w = _mm256_loadu_si256(w.as_ptr().add(8 * (2 * j + p)) as *const __m256i);
-                    for (a, x) in acc.iter_mut().zip(x) {
-                        *a = _mm256_add_epi32(*a, _mm256_madd_epi16(x, w));
+                for p in 0..2 {
+                    // Per key, the codes of slots 2p and 2p + 1 side by side: keys 0-7 and
+                    // 8-15 (of each lane's byte).
+                    let x = [
+                        _mm256_unpacklo_epi8(codes[2 * p], codes[2 * p + 1]),
+                        _mm256_unpackhi_epi8(codes[2 * p], codes[2 * p + 1]),
+                    ];
+                    for (w, acc) in weights.iter().zip(acc.iter_mut()) {
+                        let w =
+                            _mm256_loadu_si256(w.as_ptr().add(32 * (2 * j + p)) as *const __m256i);
+                        for (a, x) in acc.iter_mut().zip(x) {
+                            *a = _mm256_add_epi16(*a, _mm256_maddubs_epi16(x, w));
+                        }
                     }
                 }
             }
+            // Each key's sum is split over the two lanes (even and odd low bytes).
+            for (acc, wide) in acc.iter().zip(wide.iter_mut()) {
+                for (a, w) in acc.iter().zip(wide.iter_mut()) {
+                    let even = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(*a));
+                    let odd = _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(*a));
+                    *w = _mm256_add_epi32(*w, _mm256_add_epi32(even, odd));
+                }
+            }
         }
-        // Each key's sum is split over the two lanes (even and odd low bytes).
-        for (acc, out) in acc.iter().zip(out.iter_mut()) {
-            for (r, a) in acc.iter().enumerate() {
-                let sum = _mm_add_epi32(
-                    _mm256_castsi256_si128(*a),
-                    _mm256_extracti128_si256::<1>(*a),
-                );
-                _mm_storeu_si128(out.as_mut_ptr().add(4 * r) as *mut __m128i, sum);
+        for (wide, out) in wide.iter().zip(out.iter_mut()) {
+            for (h, w) in wide.iter().enumerate() {
+                _mm256_storeu_si256(out.as_mut_ptr().add(8 * h) as *mut __m256i, *w);
             }
         }
     }
@@ -431,7 +452,7 @@ pub fn score_split3_blocks<const Q: usize>(
 pub fn score_split3_blocks<const Q: usize>(
     _block: &[u8],
     _low: usize,
-    _weights: [&[i32]; Q],
+    _weights: [&[i8]; Q],
     _out: &mut [[i32; 16]; Q],
 ) -> bool {
     false
@@ -779,7 +800,7 @@ pub fn kernels() -> String {
     let scan = if split3_vnni_available() {
         "AVX-512 VNNI, one query per decoding"
     } else if SHARED_SCAN_KERNEL {
-        "AVX2, two queries per decoding"
+        "AVX2, up to four queries per decoding"
     } else {
         "portable"
     };
