@@ -186,8 +186,8 @@ impl ScalarQuantizer {
         let planes = planes(self.bits, self.dim());
         let w: Vec<f32> = q.iter().zip(&self.step).map(|(a, s)| a * s).collect();
         let wmax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
-        // The largest rounded weight, so that its multiple in any plane (the high plane of
-        // 3-bit codes weighs 4×) still fits an i16.
+        // The largest rounded weight: for 3-bit codes an i8 (`I8_WEIGHT_MAX`), elsewhere the
+        // largest whose multiple in any plane still fits an i16.
         let top = if self.bits == RESIDUAL_CODE_BITS {
             I8_WEIGHT_MAX as f32
         } else {

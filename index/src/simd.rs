@@ -349,7 +349,7 @@ pub fn split3_pair_i8_weights(pairs: &[i32], low: usize) -> Vec<i8> {
 }
 
 /// Pairs of low-plane bytes [`score_split3_blocks`] sums in i16 before widening: each adds at
-/// most 2 slot pairs × 2 × 7 × 128 = 3,584 to a lane, and 9 of them would pass `i16::MAX`.
+/// most 2 slot pairs × 2 × 7 × 128 = 3,584 to a lane, so 9 fit under `i16::MAX` and 10 do not.
 const SPLIT3_I16_RUN: usize = 8;
 
 /// [`score_split3_block`] for `Q` queries at once, the same integer sums: two low-plane bytes
