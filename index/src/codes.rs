@@ -202,15 +202,18 @@ impl ScalarQuantizer {
         } else {
             1.0
         };
+        // Each dimension's weight in units, rounded once: the planes' weights and the bias
+        // correction below take the same value.
+        let rounded: Vec<f32> = w.iter().map(|&wd| (wd / unit).round()).collect();
         // weights[8·at + s·n + j]: weight of the code in slot s of byte j of the plane whose
         // bytes start at `at` (n bytes).
         let mut weights = vec![0i16; 8 * nbytes];
         for &(at, n, bits, scale) in planes.iter().filter(|p| p.1 > 0) {
             let cpb = 8 / bits as usize;
-            for (d, &wd) in w.iter().enumerate() {
+            for (d, &rd) in rounded.iter().enumerate() {
                 // Every plane weighs a dimension by the same rounded weight (scaled exactly), so
                 // a code scores the same however its planes are combined.
-                weights[8 * at + (d % cpb) * n + d / cpb] = (scale * (wd / unit).round()) as i16;
+                weights[8 * at + (d % cpb) * n + d / cpb] = (scale * rd) as i16;
             }
         }
         let mut bias: f32 = q.iter().zip(&self.lo).map(|(a, b)| a * b).sum();
@@ -219,14 +222,15 @@ impl ScalarQuantizer {
             // so the rounding error of each weight times that code is folded into the bias.
             bias += w
                 .iter()
+                .zip(&rounded)
                 .zip(self.lo.iter().zip(&self.step))
-                .map(|(&wd, (&lo, &st))| {
+                .map(|((&wd, &rd), (&lo, &st))| {
                     let centre = if st > 0.0 {
                         (-lo / st).clamp(0.0, levels)
                     } else {
                         0.0
                     };
-                    (wd - (wd / unit).round() * unit) * centre
+                    (wd - rd * unit) * centre
                 })
                 .sum::<f32>();
         }
