@@ -628,8 +628,7 @@ impl Index {
         let finished = plans
             .into_par_iter()
             .map(|(i, p)| {
-                let mine = self.views_of(&p.need, &union, &views)?;
-                Ok((i, self.finish(*p, &mine, gather)?))
+                Ok((i, self.finish(*p, &union, &views, gather)?))
             })
             .collect::<IndexResult<Vec<_>>>()?;
         for (i, r) in finished {
@@ -1049,11 +1048,12 @@ impl Index {
         }
     }
 
-    /// Steps 3 and 4: exact re-ranking from the lists read (`views`, in the order of
-    /// `plan.need`), the remainder estimate and the adaptive budget.
+    /// Steps 3 and 4: exact re-ranking from the lists read (`views[i]` holds list
+    /// `read.ids[i]`), the remainder estimate and the adaptive budget.
     fn finish(
         &self,
         plan: Planned<'_>,
+        read: &ListUnion,
         views: &[ListView<'_>],
         gather: Gather,
     ) -> IndexResult<Retrieved> {
@@ -1078,7 +1078,7 @@ impl Index {
             cand_tokens,
             probes,
             best,
-            need,
+            need: _,
         } = plan;
         // Derived again rather than carried: the same facts plan() computed.
         let dim = q.len();
@@ -1091,20 +1091,25 @@ impl Index {
         let mut ex_cand: Vec<u32> = Vec::with_capacity(best.len());
         let mut ex_tokens: Vec<u32> = Vec::with_capacity(best.len());
         let mut ex_scores: Vec<f32> = Vec::with_capacity(best.len());
-        // Each candidate's list as its index in `need` (and `views`), and its row there.
+        // Each candidate's list as its index in the lists read (and `views`), and its row there.
         let mut ex_rows: Vec<(u32, u32)> = Vec::with_capacity(best.len());
-        // `views[i]` holds `need[i]`, and `best` meets the lists in that order.
+        // `best` meets each list's candidates together: one lookup per list.
         let mut run = (usize::MAX, usize::MAX);
         for (ci, p) in slots_by_probe(&probes, best.iter().copied()) {
             let probe = probes[p];
             if run.0 != p {
-                let bi = run.1.wrapping_add(1);
-                if need.get(bi) != Some(&probe.list) || bi >= views.len() {
-                    return Err(IndexError::Open {
-                        path: self.dir.clone(),
-                        problem: format!("list {} holds a candidate but was not read", probe.list),
-                    });
-                }
+                let bi = match read.index_of.get(probe.list as usize) {
+                    Some(&i) if (i as usize) < views.len() => i as usize,
+                    _ => {
+                        return Err(IndexError::Open {
+                            path: self.dir.clone(),
+                            problem: format!(
+                                "list {} holds a candidate but was not read",
+                                probe.list
+                            ),
+                        })
+                    }
+                };
                 run = (p, bi);
             }
             let bi = run.1;
@@ -1122,7 +1127,7 @@ impl Index {
             ex_tokens.push(cand_tokens[ci as usize]);
             ex_rows.push((bi as u32, r as u32));
         }
-        let list_of = |i: usize| need[ex_rows[i].0 as usize];
+        let list_of = |i: usize| read.ids[ex_rows[i].0 as usize];
         // Candidates ranked by their codes from `code_trusted_from` of the budget on, for
         // `code_trusted_fraction` of it, keep their code scores; the others (the best ones,
         // whose weights dominate the output, and those nearest the cut) are scored exactly.
@@ -1338,25 +1343,6 @@ impl Index {
             .collect()
     }
 
-    /// The views of `need` (in its order), from `views` of the lists of `read`.
-    fn views_of<'v>(
-        &self,
-        need: &[u32],
-        read: &ListUnion,
-        views: &[ListView<'v>],
-    ) -> IndexResult<Vec<ListView<'v>>> {
-        need.iter()
-            .map(|&l| match read.index_of.get(l as usize) {
-                Some(&i) if (i as usize) < views.len() => Ok(views[i as usize]),
-                _ => Err(IndexError::Open {
-                    path: self.dir.clone(),
-                    problem: format!("list {l} was needed but not read"),
-                }),
-            })
-            .collect()
-    }
-
-    /// The quantiser of a head's centroid codes.
     fn centroid_quantizer(&self, head: &ArchivedHeadManifest) -> ScalarQuantizer {
         ScalarQuantizer {
             bits: self.manifest.centroid_code_bits(),
