@@ -627,9 +627,7 @@ impl Index {
         }
         let finished = plans
             .into_par_iter()
-            .map(|(i, p)| {
-                Ok((i, self.finish(*p, &union, &views, gather)?))
-            })
+            .map(|(i, p)| Ok((i, self.finish(*p, &union, &views, gather)?)))
             .collect::<IndexResult<Vec<_>>>()?;
         for (i, r) in finished {
             outs[i] = Some(r);
@@ -1274,7 +1272,7 @@ impl Index {
             // Exactly scored tokens beyond what is attended join the remainder with their exact
             // logits (their keys were read; their values are not used).
             for &i in &top[attend..] {
-                est.add_logit(list_of(i as usize), scale * ex_scores[i as usize], 1.0);
+                est.add_token_logit(list_of(i as usize), scale * ex_scores[i as usize]);
             }
             top.truncate(attend);
             if params.estimate_remainder {
@@ -1800,16 +1798,25 @@ pub fn adaptive_count(
 
 /// Terms of the remainder estimate: `(list, logit, tokens)`, each standing for `tokens` tokens
 /// of `list` with that logit (`scale·q·k` or its estimate), valued at the list's mean value.
+/// Each list (or group) has at most one term, unless a term of single tokens was added.
 #[derive(Default)]
 struct RemainderEstimator {
     terms: Vec<(u32, f32, f32)>,
+    ids_repeat: bool,
 }
 
 impl RemainderEstimator {
+    /// The term of `list`'s `tokens` tokens: the only one for that list.
     fn add_logit(&mut self, list: u32, logit: f32, tokens: f32) {
         if tokens > 0.0 {
             self.terms.push((list, logit, tokens));
         }
+    }
+
+    /// One token of `list`, which may have other terms.
+    fn add_token_logit(&mut self, list: u32, logit: f32) {
+        self.ids_repeat = true;
+        self.terms.push((list, logit, 1.0));
     }
 
     /// Every visible, non-static token the search did not attend: probed members by their
@@ -1884,7 +1891,7 @@ impl RemainderEstimator {
             for (&(c, logit), l) in exact.iter().zip(lists) {
                 scored[c as usize] = true;
                 if logit != f32::NEG_INFINITY {
-                    self.add_logit(l, logit, 1.0);
+                    self.add_token_logit(l, logit);
                 }
             }
             // A probe's list is the same entry of the probed lists' keys.
@@ -1946,6 +1953,7 @@ impl RemainderEstimator {
         let groups = group_means.len() / dim.max(1);
         let (rem, means_read) = combine_terms(
             &self.terms,
+            self.ids_repeat,
             lists + groups,
             |id| {
                 if id < lists {
@@ -1963,12 +1971,14 @@ impl RemainderEstimator {
 }
 
 /// The remainder from its terms `(id, logit, tokens)` (an id names a list or a group, below
-/// `n_ids`): `lse = ln Σ tokens·exp(logit)`; the output is the weight-averaged mean value
+/// `n_ids`; `ids_repeat` says whether an id may have several terms, which are then merged):
+/// `lse = ln Σ tokens·exp(logit)`; the output is the weight-averaged mean value
 /// (`means_of(id)`, f16 bits; None for an empty list) of the heaviest ids that together hold at
 /// least `1 − epsilon` of the weight (the others keep their weight in `lse`). Returns the
 /// estimate and how many mean values it read.
 pub fn combine_terms<'m>(
     terms: &[(u32, f32, f32)],
+    ids_repeat: bool,
     n_ids: usize,
     means_of: impl Fn(usize) -> Option<&'m [u16]>,
     dim: usize,
@@ -1990,22 +2000,35 @@ pub fn combine_terms<'m>(
     }
     // One exp per term (f32: the terms are logits within a few hundred of `max`), summed per
     // list in f64.
-    let mut weight: Vec<(f64, u32)> = Vec::new();
-    let mut slot = vec![u32::MAX; n_ids];
+    let mut weight: Vec<(f64, u32)> = Vec::with_capacity(terms.len());
     let mut all = 0f64;
     let mut e: Vec<f32> = terms.iter().map(|t| t.1 - max).collect();
     crate::simd::exp_in_place(&mut e);
-    for (&(l, _, n), &e) in terms.iter().zip(&e) {
-        let w = n as f64 * e as f64;
-        all += w;
-        let Some(s) = slot.get_mut(l as usize) else {
-            continue;
-        };
-        if *s == u32::MAX {
-            *s = weight.len() as u32;
-            weight.push((0.0, l));
+    let ws = terms
+        .iter()
+        .zip(&e)
+        .map(|(&(l, _, n), &e)| (n as f64 * e as f64, l));
+    if ids_repeat {
+        // Repeated ids are merged through a table of every id.
+        let mut slot = vec![u32::MAX; n_ids];
+        for (w, l) in ws {
+            all += w;
+            let Some(s) = slot.get_mut(l as usize) else {
+                continue;
+            };
+            if *s == u32::MAX {
+                *s = weight.len() as u32;
+                weight.push((0.0, l));
+            }
+            weight[*s as usize].0 += w;
         }
-        weight[*s as usize].0 += w;
+    } else {
+        for (w, l) in ws {
+            all += w;
+            if (l as usize) < n_ids {
+                weight.push((w, l));
+            }
+        }
     }
     let lse = max + all.ln() as f32;
     // Lists lighter than `epsilon · total / lists` together hold at most `epsilon` of the
@@ -2352,29 +2375,35 @@ mod tests {
         let means = crate::manifest::to_f16_bits(&[1.0f32, 0.0, 0.0, 1.0]);
         let of = |l: usize| means.get(l * 2..l * 2 + 2);
         let terms = [(0u32, 0.0f32, 3.0f32), (1, 2f32.ln(), 1.0)];
-        let (r, read) = combine_terms(&terms, 2, of, 2, 0.0);
+        let (r, read) = combine_terms(&terms, false, 2, of, 2, 0.0);
         assert_eq!(read, 2);
         assert_eq!(r.tokens, 4);
         assert!((r.lse - 5f32.ln()).abs() < 1e-6, "{}", r.lse);
         assert!((r.output[0] - 0.6).abs() < 1e-6 && (r.output[1] - 0.4).abs() < 1e-6);
+        // Told that ids may repeat, the table that merges them changes nothing here.
+        let (t, _) = combine_terms(&terms, true, 2, of, 2, 0.0);
+        assert_eq!(
+            (t.output, t.lse, t.tokens),
+            (r.output.clone(), r.lse, r.tokens)
+        );
         // The same split over two terms of one list changes nothing.
         let split = [(0u32, 0.0f32, 1.0f32), (0, 0.0, 2.0), (1, 2f32.ln(), 1.0)];
-        let (s, _) = combine_terms(&split, 2, of, 2, 0.0);
+        let (s, _) = combine_terms(&split, true, 2, of, 2, 0.0);
         assert!((s.lse - r.lse).abs() < 1e-6 && (s.output[0] - 0.6).abs() < 1e-6);
         // epsilon 0.5: list 0 alone holds 60% of the weight, so list 1's value sum is not read;
         // its weight stays in lse, and the output is list 0's mean.
-        let (e, read) = combine_terms(&terms, 2, of, 2, 0.5);
+        let (e, read) = combine_terms(&terms, false, 2, of, 2, 0.5);
         assert_eq!(read, 1);
         assert!((e.lse - 5f32.ln()).abs() < 1e-6);
         assert!((e.output[0] - 1.0).abs() < 1e-6 && e.output[1].abs() < 1e-6);
         // Nothing remains: neutral (zero output, lse -inf).
-        let (n, read) = combine_terms(&[], 2, of, 2, 0.0);
+        let (n, read) = combine_terms(&[], false, 2, of, 2, 0.0);
         assert_eq!(
             (n.tokens, n.lse, n.output, read),
             (0, f32::NEG_INFINITY, vec![0.0; 2], 0)
         );
         // A term naming a list that does not exist is ignored, not a panic.
-        let (b, _) = combine_terms(&[(7, 0.0, 1.0)], 2, of, 2, 0.0);
+        let (b, _) = combine_terms(&[(7, 0.0, 1.0)], false, 2, of, 2, 0.0);
         assert_eq!((b.tokens, b.lse), (0, f32::NEG_INFINITY));
     }
 
