@@ -1341,6 +1341,7 @@ impl Index {
             .collect()
     }
 
+    /// The quantiser of a head's centroid codes.
     fn centroid_quantizer(&self, head: &ArchivedHeadManifest) -> ScalarQuantizer {
         ScalarQuantizer {
             bits: self.manifest.centroid_code_bits(),
@@ -1806,7 +1807,8 @@ struct RemainderEstimator {
 }
 
 impl RemainderEstimator {
-    /// The term of `list`'s `tokens` tokens: the only one for that list.
+    /// A term of `tokens` tokens of `list`: at most one per list (only single-token terms,
+    /// [`Self::add_token_logit`], may share a list with another term).
     fn add_logit(&mut self, list: u32, logit: f32, tokens: f32) {
         if tokens > 0.0 {
             self.terms.push((list, logit, tokens));
